@@ -198,8 +198,18 @@ class GPT(nn.Module):
             raise UserError(f"could not load '{name_or_dir}' as a GPT-2 model ({str(e).splitlines()[0]}); "
                             "without network access, pass a local directory saved by save_pretrained") from None
         c = hf.config
+        unsupported = [what for what, ok in (
+            ("untied embeddings", c.tie_word_embeddings),
+            (f"activation {c.activation_function}", c.activation_function in ("gelu_new", "gelu_pytorch_tanh")),
+            (f"n_inner {c.n_inner}", c.n_inner in (None, 4 * c.n_embd)),
+            (f"layer_norm_epsilon {c.layer_norm_epsilon}", c.layer_norm_epsilon == 1e-5),
+            ("scale_attn_by_inverse_layer_idx", not c.scale_attn_by_inverse_layer_idx),
+            ("reorder_and_upcast_attn", not c.reorder_and_upcast_attn),
+        ) if not ok]
+        if unsupported:
+            raise UserError(f"'{name_or_dir}' is a GPT-2 variant this model cannot represent: {', '.join(unsupported)}")
         config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
-                           n_embd=c.n_embd, padded_vocab_size=max(c.vocab_size, GPTConfig.padded_vocab_size))
+                           n_embd=c.n_embd, padded_vocab_size=128 * math.ceil(c.vocab_size / 128))
         model = cls(config)
         hf_sd = hf.state_dict()
         # HF stores these as Conv1D, i.e. (in, out): transpose into nn.Linear's (out, in)
@@ -383,10 +393,10 @@ def lr_at(step: int, max_lr: float, warmup_steps: int, max_steps: int, min_lr_ra
     """Linear warmup from max_lr/warmup_steps (never 0: step 0 must learn), then cosine down to min_lr_ratio*max_lr
     at max_steps, and flat after."""
     min_lr = max_lr * min_lr_ratio
-    if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
     if step >= max_steps:
         return min_lr
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
@@ -611,6 +621,9 @@ def check_args(args: argparse.Namespace, config: GPTConfig, world_size: int) -> 
     for flag in ("val_every", "sample_every", "save_every", "hellaswag_every", "warmup_steps"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag} must be 0 (off) or positive, got {getattr(args, flag)}")
+    if args.warmup_steps > args.max_steps:
+        raise UserError(f"--warmup_steps {args.warmup_steps} is longer than --max_steps {args.max_steps}: the learning "
+                        "rate would never reach --lr; lower --warmup_steps")
     tokens_per_micro_step = args.batch_size * args.seq_len * world_size
     if args.total_batch_size % tokens_per_micro_step:
         raise UserError(f"--total_batch_size {args.total_batch_size} is not divisible by batch_size*seq_len*world_size "
