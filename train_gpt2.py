@@ -621,6 +621,8 @@ def check_args(args: argparse.Namespace, config: GPTConfig, world_size: int) -> 
     for flag in ("val_every", "sample_every", "save_every", "hellaswag_every", "warmup_steps"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag} must be 0 (off) or positive, got {getattr(args, flag)}")
+    if args.hellaswag_limit is not None and args.hellaswag_limit < 1:
+        raise UserError(f"--hellaswag_limit must be positive (or left out for all examples), got {args.hellaswag_limit}")
     if args.warmup_steps > args.max_steps:
         raise UserError(f"--warmup_steps {args.warmup_steps} is longer than --max_steps {args.max_steps}: the learning "
                         "rate would never reach --lr; lower --warmup_steps")
@@ -760,7 +762,7 @@ def train(args: argparse.Namespace) -> None:
         if hellaswag_examples is not None and (step % args.hellaswag_every == 0 or last):
             import hellaswag_eval
             # eager model: the ragged HellaSwag batches would make a compiled graph recompile for every shape
-            result = hellaswag_eval.evaluate(lambda idx: model(idx)[0], hellaswag_examples, device,
+            result = hellaswag_eval.evaluate(model, hellaswag_examples, device,
                                              rank=rank, world_size=world_size, autocast_dtype=dtype)
             record["hellaswag_acc_norm"] = result["acc_norm"]
             print0(f"step {step:5d} | hellaswag acc_norm {result['acc_norm']:.4f} over {result['n']} examples")
