@@ -264,7 +264,7 @@ def write_shard(path: str, tokens: np.ndarray) -> None:
     try:
         with open(tmp, "wb") as f:
             f.write(header.tobytes())
-            f.write(tokens.astype(np.uint16, copy=False).tobytes())
+            tokens.astype(np.uint16, copy=False).tofile(f)  # no bytes copy of a 200 MB shard
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

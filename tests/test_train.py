@@ -300,3 +300,19 @@ def test_compiled_run_trains_evaluates_and_samples_like_eager(data_dir, tmp_path
             if key in a:  # inductor fuses differently: equal up to fp32 rounding
                 assert a[key] == pytest.approx(b[key], rel=1e-4)
     assert "val_loss" in read_log(compiled)[-1]
+
+
+def test_hellaswag_in_the_loop_matches_the_checkpoint(data_dir, tmp_path):
+    import hellaswag_eval
+
+    sample = os.path.join(ROOT, "tests", "data", "hellaswag_sample.jsonl")
+    out = str(tmp_path / "o")
+    r = run_cli(TINY + ["--data_dir", data_dir, "--max_steps", "2", "--out_dir", out, "--hellaswag_every", "2",
+                        "--hellaswag_file", sample, "--hellaswag_limit", "10"])
+    assert r.returncode == 0, r.stderr
+    logged = [rec["hellaswag_acc_norm"] for rec in read_log(out) if "hellaswag_acc_norm" in rec]
+    assert len(logged) == 2  # before training and after the last step
+    model = tg.load_checkpoint_model(os.path.join(out, "ckpt_0000002.pt"))
+    expected = hellaswag_eval.evaluate(model, hellaswag_eval.load_examples(sample, 10), "cpu",
+                                       autocast_dtype=torch.float32)
+    assert logged[-1] == expected["acc_norm"]

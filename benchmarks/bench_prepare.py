@@ -1,0 +1,106 @@
+"""
+Tokenising throughput of prepare_fineweb.py with 1 and 2 worker processes on the bundled Gutenberg corpus.
+
+  python benchmarks/bench_prepare.py                 # corpus repeated 5x (~10M tokens), 3 rounds
+  python benchmarks/bench_prepare.py --repeat 1 --rounds 5
+
+Each round runs the real command line once per worker count, back to back, so that whatever else the machine is
+doing slows both alike; the table reports the median tokens/s of the tokenise-and-write phase (from prep.json,
+which excludes Python start-up and opening the dataset) and its ratio to 1 worker. A first unmeasured run converts the
+corpus to datasets' Arrow cache, which later runs reuse. The outputs of all worker counts must be byte-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "prepare_fineweb.py")
+SAMPLE = os.path.join(REPO, "data", "gutenberg_sample.parquet")
+
+
+def make_corpus(path: str, repeat: int) -> int:
+    """Write the bundled corpus `repeat` times over into one parquet file (a longer run gives a steadier rate)."""
+    table = pq.read_table(SAMPLE)
+    pq.write_table(pa.concat_tables([table] * repeat), path)
+    return table.num_rows * repeat
+
+
+def run(corpus: str, out_dir: str, cache_dir: str, num_proc: int) -> dict:
+    cmd = [
+        sys.executable, SCRIPT, "--data_files", corpus, "--out_dir", out_dir, "--cache_dir", cache_dir,
+        "--num_proc", str(num_proc), "--shard_size", "1M", "--val_tokens", "100k", "--overwrite",
+    ]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        sys.exit(f"benchmark run failed: {' '.join(cmd)}\n{proc.stderr}")
+    with open(os.path.join(out_dir, "prep.json")) as f:
+        summary = json.load(f)
+    summary["wall_seconds"] = wall
+    return summary
+
+
+def same_shards(a: str, b: str) -> bool:
+    files = sorted(f for f in os.listdir(a) if f.endswith(".bin"))
+    return files == sorted(f for f in os.listdir(b) if f.endswith(".bin")) and all(
+        filecmp.cmp(os.path.join(a, f), os.path.join(b, f), shallow=False) for f in files
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--repeat", type=int, default=5,
+                   help="copies of the bundled corpus to tokenise in each run (~2M tokens each)")
+    p.add_argument("--rounds", type=int, default=3, help="measured runs per worker count; the median is reported")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                   help="worker counts to compare; the first is the baseline")
+    args = p.parse_args()
+
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = os.path.join(tmp, "corpus.parquet")
+        docs = make_corpus(corpus, args.repeat)
+        cache = os.path.join(tmp, "hf")
+        out = {n: os.path.join(tmp, f"out{n}") for n in args.workers}
+        warm = run(corpus, out[args.workers[0]], cache, args.workers[0])
+        rates: dict[int, list[float]] = {n: [] for n in args.workers}
+        walls: dict[int, list[float]] = {n: [] for n in args.workers}
+        for _ in range(args.rounds):
+            for n in args.workers:
+                s = run(corpus, out[n], cache, n)
+                rates[n].append(s["tokens_per_second"])
+                walls[n].append(s["wall_seconds"])
+        identical = all(same_shards(out[args.workers[0]], out[n]) for n in args.workers[1:])
+
+    base = statistics.median(rates[args.workers[0]])
+    print(f"corpus: bundled Gutenberg sample x{args.repeat} = {docs} documents, {warm['tokens']['total']:,} tokens; "
+          f"{args.rounds} rounds; {os.cpu_count()} CPUs, Python {platform.python_version()}")
+    print(f"| workers | tokens/s (median) | min .. max | wall s (median) | vs {args.workers[0]} worker |")
+    print("|---|---|---|---|---|")
+    for n in args.workers:
+        med = statistics.median(rates[n])
+        print(f"| {n} | {med / 1e6:.2f} M | {min(rates[n]) / 1e6:.2f} .. {max(rates[n]) / 1e6:.2f} M | "
+              f"{statistics.median(walls[n]):.1f} | {med / base:.2f}x |")
+    print(f"byte-identical shards across worker counts: {identical}")
+    # other work on the machine skews the comparison: the benchmark alone keeps the 1-minute load near its worker count
+    print(f"1-minute load average: {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
+    if not identical:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
