@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_gpt2.py")
 
 # A tiny run: d2 in fp32 (exactly reproducible on CPU), 2 micro-steps of 4 x 32 tokens per optimizer step.
-TINY = ["--model", "d2", "--seq_len", "32", "--batch_size", "4", "--total_batch_size", "256", "--warmup_steps", "2",
+TINY = ["--model", "d2", "--seq_len", "32", "--batch_size", "4", "--total_batch_size", "256", "--warmup_steps", "1",
         "--lr", "3e-3", "--val_every", "3", "--val_tokens", "1024", "--sample_every", "0", "--dtype", "fp32",
         "--save_every", "0", "--peak_tflops", "1", "--device", "cpu"]
 
