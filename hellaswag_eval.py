@@ -45,7 +45,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from train_gpt2 import EOT_TOKEN, GPT2_VOCAB_SIZE, UserError, get_tokenizer, resolve_device, resolve_dtype
+from train_gpt2 import (EOT_TOKEN, GPT2_VOCAB_SIZE, UserError, atomic_write, get_tokenizer, resolve_device,
+                        resolve_dtype)
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 HELLASWAG_FILENAME = "hellaswag_val.jsonl"
@@ -599,14 +600,11 @@ def plot_runs(out_dirs: Sequence[str], png_path: str) -> dict:
 
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
-    tmp = f"{png_path}.tmp{os.getpid()}.png"
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, png_path)
+        with atomic_write(png_path) as f:
+            fig.savefig(f, format="png", dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return summary
 
 
@@ -654,15 +652,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _write_json_atomic(path: str, obj: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
 
 
 def _load_examples_distributed(data_file, limit, rank: int, world_size: int) -> list[dict]:

@@ -40,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 import train_gpt2
-from train_gpt2 import EOT_TOKEN, UserError
+from train_gpt2 import EOT_TOKEN, UserError, atomic_write
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_PATH = os.path.join(HERE, "data", "gutenberg_sample.parquet")
@@ -347,13 +347,9 @@ def shard_name(prefix: str, split: str, index: int) -> str:
 
 def write_json_atomic(path: str, obj: dict) -> None:
     """Write JSON via a temporary file and a rename, so a crash leaves either the old file or the new one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def own_files(out_dir: str, prefix: str) -> list[tuple[str, int | None]]:

@@ -19,7 +19,7 @@ import random
 import re
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -36,6 +36,22 @@ GPT2_VOCAB_SIZE = 50257
 
 class UserError(Exception):
     """A problem with the user's input: reported as one line and a non-zero exit, never a traceback."""
+
+
+@contextmanager
+def atomic_write(path: str, mode: str = "wb"):
+    """A file that appears at `path` only once it is complete and on disk (temporary name, fsync, rename): a crash
+    or a full disk leaves the previous file, never half of a new one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,17 +276,9 @@ def write_shard(path: str, tokens: np.ndarray) -> None:
         raise ValueError("token ids must fit in uint16")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, tokens.size
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header.tobytes())
-            tokens.astype(np.uint16, copy=False).tofile(f)  # no bytes copy of a 200 MB shard
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path) as f:
+        f.write(header.tobytes())
+        tokens.astype(np.uint16, copy=False).tofile(f)  # no bytes copy of a 200 MB shard
 
 
 def read_shard(path: str) -> np.ndarray:
@@ -453,17 +461,23 @@ def flops_per_token(config: GPTConfig, seq_len: int, n_params: int) -> float:
     return 6 * n_params + 12 * config.n_layer * config.n_embd * seq_len
 
 
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of the best of a few square matmuls: the practical peak of a device with no spec-sheet number."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first call warms up the kernels
-        t0 = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int = 3) -> float:
+    """FLOP/s of the best of a few square matmuls: the practical peak of a device with no spec-sheet number.
+    Sizes grow until one matmul takes 0.1 s, so a slow path (emulated bf16) costs a second, not minutes."""
+    best = 0.0
+    for size in (512, 1024, 2048):
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        a @ b  # warm-up: kernel selection and first-touch memory
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            synchronize(device)
+            dt = time.perf_counter() - t0
+            best = max(best, 2 * size**3 / dt)
+        if dt > 0.1:
+            break
+    return best
 
 
 def device_peak_flops(device: torch.device, dtype: torch.dtype, override_tflops: float | None) -> float | None:
@@ -497,20 +511,6 @@ def list_checkpoints(out_dir: str) -> list[str]:
     found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(out_dir, "ckpt_*.pt"))
              if (m := CKPT_PATTERN.search(os.path.basename(p)))]
     return [p for _, p in sorted(found)]
-
-
-def atomic_torch_save(obj: object, path: str) -> None:
-    """Save to a temporary name, flush to disk, then rename: a crash leaves the old file or the new one, never half."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def rng_state() -> dict:
@@ -664,10 +664,8 @@ def rewrite_log(log_path: str, keep_until_step: int | None) -> None:
     if keep_until_step is not None and os.path.exists(log_path):
         with open(log_path) as f:
             kept = [line for line in f if line.strip() and json.loads(line)["step"] <= keep_until_step]
-    tmp = f"{log_path}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(log_path, "w") as f:
         f.writelines(kept)
-    os.replace(tmp, log_path)
 
 
 def train(args: argparse.Namespace) -> None:
@@ -779,11 +777,12 @@ def train(args: argparse.Namespace) -> None:
             rngs = [rng_state()]
         if master:
             path = checkpoint_path(args.out_dir, step)
-            atomic_torch_save({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "loader": train_loader.state_dict(), "rng": rngs,
-                "config": asdict(config), "args": vars(args),
-            }, path)
+            with atomic_write(path) as f:
+                torch.save({
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "step": step, "loader": train_loader.state_dict(), "rng": rngs,
+                    "config": asdict(config), "args": vars(args),
+                }, f)
             print0(f"step {step:5d} | saved {path}")
 
     if ckpt is None and (val_stream is not None or hellaswag_examples is not None):
