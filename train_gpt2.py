@@ -733,6 +733,9 @@ def train(args: argparse.Namespace) -> None:
     n_params = model.num_params()
     flops_per_step = flops_per_token(config, args.seq_len, n_params) * tokens_per_step
     peak_flops = device_peak_flops(device, dtype, args.peak_tflops) if master else None
+    # A probed peak is only the best matmul seen at startup, on a machine that may have been busy then; a step that
+    # beats it shows the device can do more, so it becomes the peak and MFU stays a fraction of what is possible.
+    peak_is_probed = device.type == "cpu" and not args.peak_tflops
     log_path = os.path.join(args.out_dir, "log.jsonl")
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
@@ -821,6 +824,8 @@ def train(args: argparse.Namespace) -> None:
         dt = time.perf_counter() - t0
         step += 1
 
+        if peak_is_probed and peak_flops:
+            peak_flops = max(peak_flops, flops_per_step / dt / world_size)
         mfu = flops_per_step / dt / (peak_flops * world_size) if peak_flops else None
         record = {"step": step, "train_loss": loss_sum.item(), "lr": lr, "grad_norm": grad_norm.item(),
                   "tokens": step * tokens_per_step, "dt_ms": 1000 * dt, "tok_per_s": tokens_per_step / dt, "mfu": mfu}
