@@ -17,6 +17,7 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -39,15 +40,18 @@ class UserError(Exception):
 
 
 @contextmanager
-def atomic_write(path: str, mode: str = "wb"):
+def atomic_write(path: str, mode: str = "wb", verify=None):
     """A file that appears at `path` only once it is complete and on disk (temporary name, fsync, rename): a crash
-    or a full disk leaves the previous file, never half of a new one."""
+    or a full disk leaves the previous file, never half of a new one. verify(tmp_path), if given, may raise to keep
+    a bad file from replacing a good one."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        if verify is not None:
+            verify(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -615,10 +619,10 @@ def check_args(args: argparse.Namespace, config: GPTConfig, world_size: int) -> 
     if args.seq_len > config.block_size:
         raise UserError(f"--seq_len {args.seq_len} exceeds the model's block_size {config.block_size}; "
                         f"lower --seq_len or raise --block_size")
-    for flag in ("batch_size", "seq_len", "total_batch_size", "max_steps"):
+    for flag in ("batch_size", "seq_len", "total_batch_size", "max_steps", "max_bad_steps"):
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag} must be positive, got {getattr(args, flag)}")
-    for flag in ("val_every", "sample_every", "save_every", "hellaswag_every", "warmup_steps"):
+    for flag in ("val_every", "sample_every", "save_every", "hellaswag_every", "warmup_steps", "keep_last"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag} must be 0 (off) or positive, got {getattr(args, flag)}")
     if args.hellaswag_limit is not None and args.hellaswag_limit < 1:
@@ -636,17 +640,27 @@ def check_args(args: argparse.Namespace, config: GPTConfig, world_size: int) -> 
     return args.total_batch_size // tokens_per_micro_step
 
 
-def find_resume_checkpoint(args: argparse.Namespace) -> str | None:
-    """The checkpoint to resume from, or None for a fresh run, which must not overwrite an earlier run's files."""
+def find_resume_checkpoint(args: argparse.Namespace) -> tuple[str | None, dict | None]:
+    """The checkpoint to resume from and its contents, or (None, None) for a fresh run, which must not overwrite an
+    earlier run's files. With --resume auto a damaged newest checkpoint (a crash mid-copy, a full disk) is skipped,
+    with a warning, for the newest one that reads."""
     existing = list_checkpoints(args.out_dir) if os.path.isdir(args.out_dir) else []
     if args.resume is None:
         if existing:
             raise UserError(f"'{args.out_dir}' already holds checkpoints (newest {os.path.basename(existing[-1])}); "
                             "pass --resume auto to continue that run, or choose another --out_dir")
-        return None
-    if args.resume == "auto":
-        return existing[-1] if existing else None
-    return args.resume
+        return None, None
+    if args.resume != "auto":
+        return args.resume, load_checkpoint(args.resume)
+    for path in reversed(existing):
+        try:
+            return path, load_checkpoint(path)
+        except UserError as e:
+            print0(f"warning: {e}; trying the previous checkpoint")
+    if existing:
+        raise UserError(f"none of the {len(existing)} checkpoints in '{args.out_dir}' can be read; "
+                        "pass --resume PATH to a good copy, or choose another --out_dir")
+    return None, None
 
 
 def check_compatible(ckpt: dict, config: GPTConfig, path: str) -> None:
@@ -666,6 +680,28 @@ def rewrite_log(log_path: str, keep_until_step: int | None) -> None:
             kept = [line for line in f if line.strip() and json.loads(line)["step"] <= keep_until_step]
     with atomic_write(log_path, "w") as f:
         f.writelines(kept)
+
+
+class PreemptionFlag:
+    """SIGTERM (preemption, torchrun shutting down) and SIGUSR1 (SLURM's warning before the time limit) are noted,
+    not acted on at once: the step in progress finishes, a checkpoint is written, and the run exits cleanly."""
+
+    def __init__(self):
+        self.name: str | None = None
+        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+            if sig is not None:
+                signal.signal(sig, self._note)
+
+    def _note(self, signum: int, frame) -> None:
+        self.name = signal.Signals(signum).name
+
+    def agreed(self, device: torch.device, distributed: bool) -> bool:
+        """Whether any rank got a signal: all ranks must stop after the same step, or the others would hang."""
+        if not distributed:
+            return self.name is not None
+        flag = torch.tensor([float(self.name is not None)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def train(args: argparse.Namespace) -> None:
@@ -688,8 +724,7 @@ def train(args: argparse.Namespace) -> None:
     if args.hellaswag_every:
         import hellaswag_eval
         hellaswag_examples = hellaswag_eval.load_examples(args.hellaswag_file, args.hellaswag_limit)
-    resume_path = find_resume_checkpoint(args)
-    ckpt = load_checkpoint(resume_path) if resume_path else None
+    resume_path, ckpt = find_resume_checkpoint(args)
     if ckpt is not None:
         check_compatible(ckpt, config, resume_path)
     use_compile = device.type == "cuda" if args.compile is None else args.compile
@@ -778,15 +813,22 @@ def train(args: argparse.Namespace) -> None:
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs = [rng_state()]
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise UserError(f"refusing to save step {step}: the weights are not finite; resume from an earlier checkpoint")
         if master:
             path = checkpoint_path(args.out_dir, step)
-            with atomic_write(path) as f:
+            # read back before the rename (memory-mapped, so cheap): an unreadable file never replaces a good one
+            verify = lambda tmp: torch.load(tmp, map_location="cpu", weights_only=True, mmap=True)  # noqa: E731
+            with atomic_write(path, verify=verify) as f:
                 torch.save({
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                     "step": step, "loader": train_loader.state_dict(), "rng": rngs,
                     "config": asdict(config), "args": vars(args),
                 }, f)
             print0(f"step {step:5d} | saved {path}")
+            if args.keep_last:
+                for old in list_checkpoints(args.out_dir)[:-args.keep_last]:
+                    os.remove(old)
 
     if ckpt is None and (val_stream is not None or hellaswag_examples is not None):
         record = {"step": 0, "tokens": 0}
@@ -795,6 +837,8 @@ def train(args: argparse.Namespace) -> None:
     del ckpt  # the optimizer and model hold copies; the checkpoint's tensors need not stay in memory
 
     stop_at = min(args.max_steps, args.stop_at_step or args.max_steps)
+    preempted = PreemptionFlag()
+    bad_steps = 0
     while step < stop_at:
         t0 = time.perf_counter()
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.min_lr_ratio)
@@ -818,7 +862,18 @@ def train(args: argparse.Namespace) -> None:
             loss_sum /= world_size
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-        scaler.step(optimizer)
+        # every rank sees the same all-reduced loss and gradients, so every rank makes the same decision here;
+        # with fp16, overflowing gradients are the GradScaler's business (it skips the step and lowers the scale)
+        finite = math.isfinite(loss_sum.item()) and (scaler.is_enabled() or math.isfinite(grad_norm.item()))
+        if finite:
+            scaler.step(optimizer)
+            bad_steps = 0
+        else:
+            bad_steps += 1
+            print0(f"step {step + 1:5d} | non-finite loss or gradient norm: update skipped ({bad_steps} in a row)")
+            if bad_steps >= args.max_bad_steps:
+                raise UserError(f"stopping at step {step + 1}: {bad_steps} steps in a row had a non-finite loss or "
+                                "gradient norm; lower --lr or resume from an earlier checkpoint")
         scaler.update()
         synchronize(device)
         dt = time.perf_counter() - t0
@@ -834,8 +889,12 @@ def train(args: argparse.Namespace) -> None:
                + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""))
         evaluate(record)
         log(record)
-        if (args.save_every and step % args.save_every == 0) or step == stop_at:
+        stop_now = preempted.agreed(device, distributed)
+        if (args.save_every and step % args.save_every == 0) or step == stop_at or stop_now:
             save()
+        if stop_now:
+            print0(f"step {step:5d} | stopping after {preempted.name or 'a signal to another rank'}; continue with --resume auto")
+            break
 
     if distributed:
         dist.destroy_process_group()
@@ -896,6 +955,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="checkpoint every N steps (0 = only the final one)")
     g.add_argument("--resume", default=None,
                    help="'auto' continues from the newest checkpoint in --out_dir (or starts fresh); or a .pt path")
+    g.add_argument("--keep_last", type=int, default=0,
+                   help="keep only the newest K checkpoints (0 = keep all)")
+    g.add_argument("--max_bad_steps", type=int, default=5,
+                   help="stop after this many steps in a row with a non-finite loss or gradient norm (each skipped)")
     g.add_argument("--stop_at_step", type=int, default=None,
                    help="save and stop after this step without changing the LR schedule (for time-limited jobs)")
     return p.parse_args(argv)
