@@ -819,12 +819,16 @@ def train(args: argparse.Namespace) -> None:
             path = checkpoint_path(args.out_dir, step)
             # read back before the rename (memory-mapped, so cheap): an unreadable file never replaces a good one
             verify = lambda tmp: torch.load(tmp, map_location="cpu", weights_only=True, mmap=True)  # noqa: E731
-            with atomic_write(path, verify=verify) as f:
-                torch.save({
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "step": step, "loader": train_loader.state_dict(), "rng": rngs,
-                    "config": asdict(config), "args": vars(args),
-                }, f)
+            try:
+                with atomic_write(path, verify=verify) as f:
+                    torch.save({
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict(), "step": step, "loader": train_loader.state_dict(),
+                        "rng": rngs, "config": asdict(config), "args": vars(args),
+                    }, f)
+            except OSError as e:
+                raise UserError(f"could not write {path} ({e.strerror or e}); the earlier checkpoints are intact: "
+                                "free some space, then continue with --resume auto") from None
             print0(f"step {step:5d} | saved {path}")
             if args.keep_last:
                 for old in list_checkpoints(args.out_dir)[:-args.keep_last]:

@@ -127,3 +127,96 @@ def test_out_dir_that_is_a_file(data_dir, tmp_path):
     r = run_cli(RUN + ["--data_dir", data_dir, "--out_dir", str(target)])
     assert r.returncode != 0 and "is not a directory" in r.stderr
     assert target.read_text() == "not a directory"
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import train_gpt2 as tg
+
+    out = str(tmp_path / "o")
+    real_save, calls = torch.save, []
+
+    def save_until_the_disk_fills(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(tg.torch, "save", save_until_the_disk_fills)
+    with pytest.raises(SystemExit) as exit_info:
+        tg.main(RUN + ["--data_dir", data_dir, "--out_dir", out, "--save_every", "2", "--peak_tflops", "1"])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "ckpt_0000004.pt" in err[0]
+    assert sorted(os.listdir(out)) == ["ckpt_0000002.pt", "log.jsonl"]  # no half-written file, under any name
+    monkeypatch.setattr(tg.torch, "save", real_save)
+    assert tg.load_checkpoint(os.path.join(out, "ckpt_0000002.pt"))["step"] == 2
+
+
+def test_dtype_the_device_cannot_run(monkeypatch):
+    import train_gpt2 as tg
+
+    monkeypatch.setattr(tg, "native_bf16", lambda device: False)
+    with pytest.raises(tg.UserError, match="--dtype bf16 is not supported"):
+        tg.resolve_dtype("bf16", torch.device("cuda"))
+    assert tg.resolve_dtype("auto", torch.device("cuda")) == torch.float16  # older GPUs: fp16 + GradScaler
+    assert tg.resolve_dtype("auto", torch.device("cpu")) == torch.float32  # no native bf16: fp32, not emulation
+
+
+def _torchrun(args, extra=()):
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             *extra, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _workers(parent_pid):
+    with open(f"/proc/{parent_pid}/task/{parent_pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def _wait_for_log(log, n_lines, proc):
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(log) and len(open(log).readlines()) >= n_lines:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the run did not reach the expected step")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_ddp(data_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("uninterrupted_ddp"))
+    proc = _torchrun(RUN + ["--data_dir", data_dir, "--out_dir", out])
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    return load_weights(os.path.join(out, f"ckpt_{STEPS:07d}.pt"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's workers through /proc")
+def test_signal_to_one_rank_stops_every_rank_at_the_same_step(data_dir, uninterrupted_ddp, tmp_path):
+    out = str(tmp_path / "o")
+    proc = _torchrun(RUN + ["--data_dir", data_dir, "--out_dir", out])
+    _wait_for_log(os.path.join(out, "log.jsonl"), 3, proc)
+    os.kill(max(_workers(proc.pid)), signal.SIGTERM)  # one rank only: the other learns of it by all-reduce
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 0, stderr
+    assert len(checkpoints(out)) == 1 and "stopping after" in stdout
+    proc = _torchrun(RUN + ["--data_dir", data_dir, "--out_dir", out, "--resume", "auto"])
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert_same_weights(load_weights(os.path.join(out, f"ckpt_{STEPS:07d}.pt")), uninterrupted_ddp)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's workers through /proc")
+def test_rank_crash_restarts_from_the_last_checkpoint(data_dir, uninterrupted_ddp, tmp_path):
+    out = str(tmp_path / "o")
+    proc = _torchrun(RUN + ["--data_dir", data_dir, "--out_dir", out, "--resume", "auto", "--save_every", "4"],
+                     extra=["--max_restarts=1"])
+    _wait_for_log(os.path.join(out, "log.jsonl"), 7, proc)  # step 6: a checkpoint at step 4 exists
+    os.kill(max(_workers(proc.pid)), signal.SIGKILL)  # a rank dies without any chance to save
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert "resumed from" in stdout
+    assert_same_weights(load_weights(os.path.join(out, f"ckpt_{STEPS:07d}.pt")), uninterrupted_ddp)
