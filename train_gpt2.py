@@ -730,7 +730,12 @@ def train(args: argparse.Namespace) -> None:
     use_compile = device.type == "cuda" if args.compile is None else args.compile
 
     if distributed:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # torchrun's agent keeps its key-value store across restarts (--max_restarts): without a prefix per attempt,
+        # a restarted rank can read a dead peer's address left over from the attempt before and never connect
+        store, _, _ = next(dist.rendezvous("env://"))
+        store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                                world_size=world_size)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 matmuls autocast leaves
         torch.backends.cudnn.allow_tf32 = True
