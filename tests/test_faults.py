@@ -220,3 +220,11 @@ def test_rank_crash_restarts_from_the_last_checkpoint(data_dir, uninterrupted_dd
     assert proc.returncode == 0, stderr
     assert "resumed from" in stdout
     assert_same_weights(load_weights(os.path.join(out, f"ckpt_{STEPS:07d}.pt")), uninterrupted_ddp)
+
+
+def test_empty_data_dir(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = run_cli(RUN + ["--data_dir", str(tmp_path / "empty"), "--out_dir", str(tmp_path / "o")])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and "no 'train' shards" in lines[0] and "prepare_fineweb.py" in lines[0]
+    assert not (tmp_path / "o").exists()
