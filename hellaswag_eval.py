@@ -31,7 +31,6 @@ Library use (the trainer calls this inside its loop, on every rank):
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -176,14 +175,9 @@ def load_examples(data_file: str | None = None, limit: int | None = None) -> lis
 # tokenisation and batching
 
 
-@functools.lru_cache(maxsize=1)
-def _gpt2_encoding():
-    return get_tokenizer()
-
-
 def gpt2_tokenize(example: dict) -> tuple[list[int], list[list[int]]]:
     """GPT-2 ids of the context and of " " + each ending, encoded separately (the reference method)."""
-    enc = _gpt2_encoding()
+    enc = get_tokenizer()
     # an empty context still needs something to predict the first ending token from: <|endoftext|>
     ctx = enc.encode_ordinary(example["ctx"]) or [EOT_TOKEN]
     endings = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
@@ -444,7 +438,7 @@ def _hf_tokenizer(name: str, local: bool):
         return None
     probe = "Hello world! It's 3.14 -- naive cafe\n\n  The man can't stop, so he keeps going."
     try:
-        same = list(tok(probe, add_special_tokens=False)["input_ids"]) == _gpt2_encoding().encode_ordinary(probe)
+        same = list(tok(probe, add_special_tokens=False)["input_ids"]) == get_tokenizer().encode_ordinary(probe)
     except Exception:
         same = False
     if same:

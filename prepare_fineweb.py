@@ -72,9 +72,6 @@ READ_BATCH = 128  # documents per read from the dataset
 # ----------------------------------------------------------------------------------------------------------------
 # tokenising (runs in the worker processes: top-level functions, so they also work under the `spawn` start method)
 
-_tokenizer = None
-
-
 def init_worker() -> None:
     # Ctrl-C goes to the whole process group; only the main process should handle it (and then stop the pool)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -82,11 +79,9 @@ def init_worker() -> None:
 
 def tokenize_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Tokenise documents, each prefixed with <|endoftext|>, into one uint16 array plus each document's length."""
-    global _tokenizer
-    if _tokenizer is None:  # once per process: building the encoder from the 50k-line ranks file is not free
-        _tokenizer = train_gpt2.get_tokenizer()
+    tokenizer = train_gpt2.get_tokenizer()  # cached: built once per worker process
     # encode_ordinary: text that looks like "<|endoftext|>" inside a document is just text, never the special token
-    docs = [_tokenizer.encode_ordinary(text) for text in texts]
+    docs = [tokenizer.encode_ordinary(text) for text in texts]
     lengths = np.array([len(doc) + 1 for doc in docs], dtype=np.int64)
     tokens = np.empty(int(lengths.sum()), dtype=np.uint16)  # uint16 here, so only 2 bytes per token cross the pipe
     pos = 0

@@ -11,6 +11,7 @@ One file, read top to bottom:
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import math
@@ -251,8 +252,10 @@ class GPT(nn.Module):
 # data: GPT-2 tokenizer; llm.c (*.bin) and build-nanogpt (*.npy) shards, read as one memory-mapped token stream
 
 
+@functools.lru_cache(maxsize=1)
 def get_tokenizer():
-    """GPT-2's BPE from the bundled ranks: ids identical to tiktoken's `gpt2`, with no download."""
+    """GPT-2's BPE from the bundled ranks: ids identical to tiktoken's `gpt2`, with no download. Built once per
+    process: parsing the 50k-line ranks file is not free."""
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
 
@@ -873,7 +876,8 @@ def train(args: argparse.Namespace) -> None:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
         # every rank sees the same all-reduced loss and gradients, so every rank makes the same decision here;
         # with fp16, overflowing gradients are the GradScaler's business (it skips the step and lowers the scale)
-        finite = math.isfinite(loss_sum.item()) and (scaler.is_enabled() or math.isfinite(grad_norm.item()))
+        train_loss, grad_norm = loss_sum.item(), grad_norm.item()
+        finite = math.isfinite(train_loss) and (scaler.is_enabled() or math.isfinite(grad_norm))
         if finite:
             scaler.step(optimizer)
             bad_steps = 0
@@ -891,7 +895,7 @@ def train(args: argparse.Namespace) -> None:
         if peak_is_probed and peak_flops:
             peak_flops = max(peak_flops, flops_per_step / dt / world_size)
         mfu = flops_per_step / dt / (peak_flops * world_size) if peak_flops else None
-        record = {"step": step, "train_loss": loss_sum.item(), "lr": lr, "grad_norm": grad_norm.item(),
+        record = {"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens": step * tokens_per_step, "dt_ms": 1000 * dt, "tok_per_s": tokens_per_step / dt, "mfu": mfu}
         print0(f"step {step:5d}/{args.max_steps} | loss {record['train_loss']:.4f} | lr {lr:.2e} | "
                f"norm {record['grad_norm']:.3f} | {1000 * dt:.1f} ms | {record['tok_per_s']:,.0f} tok/s"
