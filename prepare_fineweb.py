@@ -75,6 +75,8 @@ READ_BATCH = 128  # documents per read from the dataset
 def init_worker() -> None:
     # Ctrl-C goes to the whole process group; only the main process should handle it (and then stop the pool)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # a forked worker inherits the parent's Python handlers; SIGTERM must kill it, or Pool.terminate() waits forever
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def tokenize_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -691,9 +691,13 @@ class PreemptionFlag:
 
     def __init__(self):
         self.name: str | None = None
-        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
-            if sig is not None:
-                signal.signal(sig, self._note)
+        self.previous = {sig: signal.signal(sig, self._note)
+                         for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if sig is not None}
+
+    def restore(self) -> None:
+        """Put back the handlers from before, so the process (and anything it forks later) dies on SIGTERM again."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _note(self, signum: int, frame) -> None:
         self.name = signal.Signals(signum).name
@@ -850,64 +854,67 @@ def train(args: argparse.Namespace) -> None:
 
     stop_at = min(args.max_steps, args.stop_at_step or args.max_steps)
     preempted = PreemptionFlag()
-    bad_steps = 0
-    while step < stop_at:
-        t0 = time.perf_counter()
-        lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=device)
-        for micro_step in range(grad_accum):
-            x, y = train_loader.next_batch()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            # gradients are all-reduced once, on the last micro-step, not after every backward
-            sync = not distributed or micro_step == grad_accum - 1
-            with nullcontext() if sync else train_model.no_sync():
-                with amp_ctx:
-                    _, loss = train_model(x, y)
-                loss = loss / grad_accum  # the mean over micro-steps, as one large batch would give
-                loss_sum += loss.detach()
-                scaler.scale(loss).backward()
-        if distributed:
-            dist.all_reduce(loss_sum)
-            loss_sum /= world_size
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-        # every rank sees the same all-reduced loss and gradients, so every rank makes the same decision here;
-        # with fp16, overflowing gradients are the GradScaler's business (it skips the step and lowers the scale)
-        train_loss, grad_norm = loss_sum.item(), grad_norm.item()
-        finite = math.isfinite(train_loss) and (scaler.is_enabled() or math.isfinite(grad_norm))
-        if finite:
-            scaler.step(optimizer)
-            bad_steps = 0
-        else:
-            bad_steps += 1
-            print0(f"step {step + 1:5d} | non-finite loss or gradient norm: update skipped ({bad_steps} in a row)")
-            if bad_steps >= args.max_bad_steps:
-                raise UserError(f"stopping at step {step + 1}: {bad_steps} steps in a row had a non-finite loss or "
-                                "gradient norm; lower --lr or resume from an earlier checkpoint")
-        scaler.update()
-        synchronize(device)
-        dt = time.perf_counter() - t0
-        step += 1
+    try:
+        bad_steps = 0
+        while step < stop_at:
+            t0 = time.perf_counter()
+            lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = torch.zeros((), device=device)
+            for micro_step in range(grad_accum):
+                x, y = train_loader.next_batch()
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                # gradients are all-reduced once, on the last micro-step, not after every backward
+                sync = not distributed or micro_step == grad_accum - 1
+                with nullcontext() if sync else train_model.no_sync():
+                    with amp_ctx:
+                        _, loss = train_model(x, y)
+                    loss = loss / grad_accum  # the mean over micro-steps, as one large batch would give
+                    loss_sum += loss.detach()
+                    scaler.scale(loss).backward()
+            if distributed:
+                dist.all_reduce(loss_sum)
+                loss_sum /= world_size
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+            # every rank sees the same all-reduced loss and gradients, so every rank makes the same decision here;
+            # with fp16, overflowing gradients are the GradScaler's business (it skips the step and lowers the scale)
+            train_loss, grad_norm = loss_sum.item(), grad_norm.item()
+            finite = math.isfinite(train_loss) and (scaler.is_enabled() or math.isfinite(grad_norm))
+            if finite:
+                scaler.step(optimizer)
+                bad_steps = 0
+            else:
+                bad_steps += 1
+                print0(f"step {step + 1:5d} | non-finite loss or gradient norm: update skipped ({bad_steps} in a row)")
+                if bad_steps >= args.max_bad_steps:
+                    raise UserError(f"stopping at step {step + 1}: {bad_steps} steps in a row had a non-finite loss or "
+                                    "gradient norm; lower --lr or resume from an earlier checkpoint")
+            scaler.update()
+            synchronize(device)
+            dt = time.perf_counter() - t0
+            step += 1
 
-        if peak_is_probed and peak_flops:
-            peak_flops = max(peak_flops, flops_per_step / dt / world_size)
-        mfu = flops_per_step / dt / (peak_flops * world_size) if peak_flops else None
-        record = {"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-                  "tokens": step * tokens_per_step, "dt_ms": 1000 * dt, "tok_per_s": tokens_per_step / dt, "mfu": mfu}
-        print0(f"step {step:5d}/{args.max_steps} | loss {record['train_loss']:.4f} | lr {lr:.2e} | "
-               f"norm {record['grad_norm']:.3f} | {1000 * dt:.1f} ms | {record['tok_per_s']:,.0f} tok/s"
-               + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""))
-        evaluate(record)
-        log(record)
-        stop_now = preempted.agreed(device, distributed)
-        if (args.save_every and step % args.save_every == 0) or step == stop_at or stop_now:
-            save()
-        if stop_now:
-            print0(f"step {step:5d} | stopping after {preempted.name or 'a signal to another rank'}; continue with --resume auto")
-            break
+            if peak_is_probed and peak_flops:
+                peak_flops = max(peak_flops, flops_per_step / dt / world_size)
+            mfu = flops_per_step / dt / (peak_flops * world_size) if peak_flops else None
+            record = {"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+                      "tokens": step * tokens_per_step, "dt_ms": 1000 * dt, "tok_per_s": tokens_per_step / dt, "mfu": mfu}
+            print0(f"step {step:5d}/{args.max_steps} | loss {record['train_loss']:.4f} | lr {lr:.2e} | "
+                   f"norm {record['grad_norm']:.3f} | {1000 * dt:.1f} ms | {record['tok_per_s']:,.0f} tok/s"
+                   + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""))
+            evaluate(record)
+            log(record)
+            stop_now = preempted.agreed(device, distributed)
+            if (args.save_every and step % args.save_every == 0) or step == stop_at or stop_now:
+                save()
+            if stop_now:
+                print0(f"step {step:5d} | stopping after {preempted.name or 'a signal to another rank'}; continue with --resume auto")
+                break
+    finally:
+        preempted.restore()
 
     if distributed:
         dist.destroy_process_group()
