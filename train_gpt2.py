@@ -18,9 +18,11 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 
@@ -34,6 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BPE_RANKS_PATH = os.path.join(HERE, "data", "gpt2.tiktoken")
 EOT_TOKEN = 50256  # <|endoftext|>: prefixed to every document
 GPT2_VOCAB_SIZE = 50257
+DEFAULT_MAX_STEPS = 19073  # 10B tokens at 524,288 tokens a step: one pass over FineWeb-Edu's 10B sample
 
 
 class UserError(Exception):
@@ -65,12 +68,33 @@ def atomic_write(path: str, mode: str = "wb", verify=None):
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024  # longest sequence the position embedding covers
+    block_size: int = 1024  # longest sequence the position embedding (or RoPE table) covers
     vocab_size: int = GPT2_VOCAB_SIZE  # real token ids; ids at or above it are never predicted
     padded_vocab_size: int = 50304  # 50257 rounded up to a multiple of 128: faster matmuls on every device
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
+    n_kv_head: int | None = None  # key/value heads, each shared by n_head // n_kv_head query heads; None = n_head
+    norm: str = "layernorm"  # or "rmsnorm"
+    pos: str = "learned"  # or "rope": rotary position embedding on queries and keys
+    rope_theta: float = 10000.0
+    mlp: str = "gelu"  # or "swiglu"
+    mlp_hidden: int | None = None  # None = 4 * n_embd for gelu, 8/3 * n_embd rounded up to 64 for swiglu
+    bias: bool = True  # biases in every Linear and LayerNorm
+    dropout: float = 0.0
+    tie_embeddings: bool = True  # lm_head shares the token embedding's matrix
+
+    def __post_init__(self):
+        # resolved here, so a saved config states the sizes it was trained with
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.mlp_hidden is None:
+            # swiglu has three matrices, not two: 8/3 keeps its parameters and FLOPs equal to a 4x gelu MLP
+            self.mlp_hidden = 4 * self.n_embd if self.mlp == "gelu" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
 
 
 # GPT-2 sizes as released, and small presets where the width follows the depth (64 per layer, heads of 64)
@@ -83,72 +107,209 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-def model_config(preset: str, **overrides: int | None) -> GPTConfig:
-    """The GPTConfig of a preset, with any non-None override (n_layer, n_head, n_embd, block_size) applied."""
+def model_config(preset: str, **overrides) -> GPTConfig:
+    """The GPTConfig of a preset, with every non-None override (any GPTConfig field) applied and checked."""
     if preset not in PRESETS:
         raise UserError(f"unknown --model '{preset}'; choose one of: {', '.join(PRESETS)}")
-    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
-    config = GPTConfig(**values)
-    if config.n_embd % config.n_head:
-        raise UserError(f"--n_embd {config.n_embd} is not divisible by --n_head {config.n_head}")
+    config = GPTConfig(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+    check_config(config)
     return config
 
 
+def check_config(config: GPTConfig) -> None:
+    if config.n_embd % config.n_head:
+        raise UserError(f"--n_embd {config.n_embd} is not divisible by --n_head {config.n_head}")
+    if config.n_kv_head < 1 or config.n_head % config.n_kv_head:
+        raise UserError(f"--n_kv_head {config.n_kv_head} must divide --n_head {config.n_head} (1 = multi-query)")
+    if config.pos == "rope" and config.head_dim % 2:
+        raise UserError(f"--pos rope rotates pairs of dimensions: the head size {config.head_dim} must be even")
+    if not config.rope_theta > 0 or math.isinf(config.rope_theta):
+        raise UserError(f"--rope_theta must be a positive number, got {config.rope_theta}")
+    if config.mlp_hidden < 1:
+        raise UserError(f"--mlp_hidden must be positive, got {config.mlp_hidden}")
+    if not 0.0 <= config.dropout < 1.0:
+        raise UserError(f"--dropout must be in [0, 1), got {config.dropout}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# model: GPT-2 as released (pre-norm blocks, learned positions, biases, tied embeddings), HF-weight-compatible
+# model: GPT-2 as released by default (pre-norm blocks, learned positions, biases, tied embeddings, HF-weight-
+# compatible); the options make the Llama-style variant (RMSNorm, RoPE, grouped-query attention, SwiGLU, no biases)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=1e-5)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+def make_dropout(p: float) -> nn.Module:
+    return nn.Dropout(p) if p > 0 else nn.Identity()  # no kernel launch at all in the usual p = 0 case
+
+
+class Rotary(nn.Module):
+    """RoPE tables: position t turns dimension pair (i, i + head_dim/2) by t * theta^(-2i/head_dim). The two halves
+    of a head form the pairs (not adjacent dimensions), the layout Llama checkpoints use."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, head_dim / 2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[start:start + length], self.sin[start:start + length]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, heads, T, head_dim) rotated by the (T, head_dim/2) angle tables, in x's dtype."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class KVCache:
+    """Keys and values of every position seen so far, per layer, so each generated token costs one position's
+    work instead of the whole prefix's. Stores the n_kv_head heads, not the repeated ones: GQA's memory saving."""
+
+    def __init__(self, config: GPTConfig, batch_size: int):
+        self.shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
+        self.k: list[torch.Tensor | None] = [None] * config.n_layer
+        self.v: list[torch.Tensor | None] = [None] * config.n_layer
+        self.pos = 0  # positions filled, in every layer
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions' keys and values; return those of all positions so far."""
+        if self.k[layer] is None:  # allocated on first use, in the dtype autocast gives the keys
+            self.k[layer] = k.new_zeros(self.shape)
+            self.v[layer] = v.new_zeros(self.shape)
+        end = self.pos + k.size(2)
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
-        self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        # q for all heads, then k and v for the key/value heads, in one matmul
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim,
+                                bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = config.dropout
+        self.resid_dropout = make_dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        hd, kv = self.head_dim, self.n_kv_head
+        q, k, v = self.c_attn(x).split([self.n_head * hd, kv * hd, kv * hd], dim=2)
+        q = q.view(B, T, self.n_head, hd).transpose(1, 2)
+        k = k.view(B, T, kv, hd).transpose(1, 2)
+        v = v.view(B, T, kv, hd).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        if kv != self.n_head:  # query head i reads key/value head i // (n_head / n_kv_head)
+            k = k.repeat_interleave(self.n_head // kv, dim=1)
+            v = v.repeat_interleave(self.n_head // kv, dim=1)
+        S = k.size(2)
+        mask = None
+        if T > 1 and S > T:  # new tokens after cached ones: each sees the cache and the new tokens up to itself
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and S == T,
+                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # the approximation GPT-2 was trained with
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
+        self.dropout = make_dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.gelu(self.c_fc(x)))
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class SwiGLU(nn.Module):
+    """silu(x W_gate) * (x W_up), projected back: the gate and up matrices are one c_fc matmul, gate first."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 2 * config.mlp_hidden, bias=config.bias)
+        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
+        self.dropout = make_dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.c_fc(x).chunk(2, dim=-1)
+        return self.dropout(self.c_proj(F.silu(gate) * up))
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
-        self.mlp = MLP(config)
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = make_norm(config)
+        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Int8Linear(nn.Module):
+    """Dynamic int8 quantisation of a Linear, for CPU inference: int8 weights with one scale per output row, and each
+    call quantises its input, so the matmul runs in integers (fbgemm) and reads a quarter of the weight bytes. The
+    input gets one scale per call, so a row's result depends slightly on the other rows of the call: one-token
+    decoding steps are unaffected, a batch or a prompt's prefill are not bit-comparable with other batchings."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        w = weight.detach().float().cpu()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized tensors are deprecated, but the int8 CPU kernels take them
+            qweight = torch.quantize_per_channel(w, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0,
+                                                 torch.qint8)
+            self.packed = torch.ops.quantized.linear_prepack(
+                qweight, None if bias is None else bias.detach().float().cpu())
+        self.register_buffer("weight_int8", qweight.int_repr())
+        self.register_buffer("scale", scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        flat = x.reshape(-1, x.size(-1)).float()
+        # reduce_range: 7-bit inputs, so AVX2's 16-bit pairwise products cannot saturate
+        y = torch.ops.quantized.linear_dynamic(flat, self.packed, True)
+        return y.view(*x.shape[:-1], -1).to(x.dtype)
 
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        self.activation_checkpointing = False  # recompute each block in backward: less memory, ~1/3 more compute
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-            ln_f=nn.LayerNorm(config.n_embd),
+            drop=make_dropout(config.dropout),
+            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            ln_f=make_norm(config),
         ))
+        if config.pos == "learned":
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+            self.rotary = None
+        else:
+            self.rotary = Rotary(config.head_dim, config.block_size, config.rope_theta)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # one Parameter: counted, decayed and saved once
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # one Parameter: counted, decayed and saved once
         # Added to the logits: -inf on the padding ids, so they are never sampled and carry no probability mass.
         # Non-persistent, so state dicts stay identical to GPT2LMHeadModel's.
         vocab_mask = torch.zeros(config.padded_vocab_size)
@@ -171,21 +332,38 @@ class GPT(nn.Module):
         """Parameters counted once (the tied embedding too); without the padding rows, as GPT-2 reports them."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_padding:
-            n -= (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd
+            padded_matrices = 1 if self.config.tie_embeddings else 2
+            n -= padded_matrices * (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd
         return n
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, padded_vocab_size) for every position; with targets, the mean cross-entropy over the
-        targets that are not -1 (ignored positions)."""
+        targets that are not -1 (ignored positions). With a cache, idx continues the tokens already in it."""
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence length {start + T} exceeds block_size {self.config.block_size}")
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.rotary is None:
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = self.rotary(start, T)
+        x = self.transformer.drop(x)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.transformer.h:
-            x = block(x)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, cache, use_reentrant=False)
+            else:
+                x = block(x, rope, cache)
+        if cache is not None:
+            cache.pos += T
         x = self.transformer.ln_f(x)
-        logits = F.linear(x, self.lm_head.weight, self.vocab_mask)
+        if isinstance(self.lm_head, Int8Linear):
+            logits = self.lm_head(x)  # the vocabulary mask is its bias
+        else:
+            logits = F.linear(x, self.lm_head.weight, self.vocab_mask)
         loss = None
         if targets is not None:
             # the softmax in fp32 whatever the autocast dtype: bf16 log-probabilities are too coarse for a loss
@@ -194,58 +372,157 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = 50,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Append max_new_tokens sampled tokens to idx (B, T); deterministic for a seeded generator."""
+                 generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+        """Append max_new_tokens sampled tokens to idx (B, T); deterministic for a seeded generator. With the KV
+        cache each step feeds one token; once the context is longer than block_size the window slides, which moves every
+        position, so from then on each step recomputes the window, as without a cache."""
+        block = self.config.block_size
+        cache, new = None, idx
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
+            if cache is None or cache.pos + new.size(1) > block:
+                cache = KVCache(self.config, idx.size(0)) if use_cache else None
+                new = idx[:, -block:]
+            logits, _ = self(new, cache=cache)
             logits = logits[:, -1, :].float() / max(temperature, 1e-6)
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             probs = F.softmax(logits, dim=-1)
-            idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator)], dim=1)
+            next_token = torch.multinomial(probs, 1, generator=generator)
+            idx = torch.cat([idx, next_token], dim=1)
+            new = next_token if use_cache else idx
         return idx
 
+    def int8(self) -> "GPT":
+        """A copy for CPU sampling with every Linear (lm_head included) as dynamic int8 (Int8Linear); embeddings and
+        norms stay as they are."""
+        import copy
+        model = copy.deepcopy(self).eval()
+        for block in model.transformer.h:
+            for parent in (block.attn, block.mlp):
+                for name in ("c_attn", "c_fc", "c_proj"):
+                    if isinstance(getattr(parent, name, None), nn.Linear):
+                        linear = getattr(parent, name)
+                        setattr(parent, name, Int8Linear(linear.weight, linear.bias))
+        model.lm_head = Int8Linear(self.lm_head.weight, self.vocab_mask)
+        return model
+
     @classmethod
-    def from_pretrained(cls, name_or_dir: str) -> "GPT":
-        """GPT-2 weights from a Hugging Face hub name (gpt2, gpt2-medium, ...) or a local GPT2LMHeadModel directory."""
+    def from_pretrained(cls, name_or_dir: str, dropout: float = 0.0) -> "GPT":
+        """Weights from a Hugging Face GPT-2 (hub name gpt2, gpt2-medium, ... or a local directory) or from a Llama
+        directory of the kind --export_hf writes."""
         try:
-            from transformers import GPT2LMHeadModel
+            from transformers import AutoConfig, AutoModelForCausalLM
         except ImportError:
             raise UserError("loading Hugging Face weights needs transformers: pip install transformers") from None
         try:
-            hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+            hf_config = AutoConfig.from_pretrained(name_or_dir)
+            if hf_config.model_type not in ("gpt2", "llama"):
+                raise UserError(f"'{name_or_dir}' is a {hf_config.model_type} model; only GPT-2 and Llama layouts load")
+            hf = AutoModelForCausalLM.from_pretrained(name_or_dir)
         except (OSError, ValueError) as e:
-            raise UserError(f"could not load '{name_or_dir}' as a GPT-2 model ({str(e).splitlines()[0]}); "
+            raise UserError(f"could not load '{name_or_dir}' as a Hugging Face model ({str(e).splitlines()[0]}); "
                             "without network access, pass a local directory saved by save_pretrained") from None
-        c = hf.config
-        unsupported = [what for what, ok in (
-            ("untied embeddings", c.tie_word_embeddings),
+        config = config_from_hf(hf.config, name_or_dir, dropout)
+        model = cls(config)
+        hf_sd = hf.state_dict()
+        ours = model.state_dict()
+        with torch.no_grad():
+            ours["transformer.wte.weight"].zero_()  # padding rows stay zero: masked out of every softmax anyway
+            ours["lm_head.weight"].zero_()
+            for hf_name, name, rows, transposed in hf_weight_map(config):
+                w = hf_sd[hf_name].t() if transposed else hf_sd[hf_name]
+                (ours[name] if rows is None else ours[name][rows]).copy_(w)
+        return model
+
+
+def hf_layout(config: GPTConfig) -> str:
+    """The Hugging Face architecture that computes exactly what `config` does: 'gpt2' or 'llama'."""
+    if (config.norm, config.pos, config.mlp, config.bias, config.n_kv_head) == (
+            "layernorm", "learned", "gelu", True, config.n_head):
+        return "gpt2"
+    if (config.norm, config.pos, config.mlp, config.bias) == ("rmsnorm", "rope", "swiglu", False):
+        return "llama"
+    raise UserError(
+        f"this model (--norm {config.norm} --pos {config.pos} --mlp {config.mlp} --{'' if config.bias else 'no-'}bias "
+        f"--n_kv_head {config.n_kv_head}) has no Hugging Face layout; exportable mixes are GPT-2 (--norm layernorm "
+        "--pos learned --mlp gelu --bias, n_kv_head = n_head) and Llama (--norm rmsnorm --pos rope --mlp swiglu "
+        "--no-bias, any --n_kv_head)")
+
+
+def hf_weight_map(config: GPTConfig) -> list[tuple[str, str, slice | None, bool]]:
+    """(Hugging Face name, our name, our rows, transposed) for every exported tensor: one table for export and import.
+    Rows cut the vocabulary back to its real size and split our fused matmuls (c_attn = q|k|v, swiglu c_fc = gate|up)."""
+    vocab = slice(0, config.vocab_size)
+    if hf_layout(config) == "gpt2":
+        # HF GPT-2 keeps these as Conv1D, i.e. (in, out): transposed relative to nn.Linear
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        table = [("transformer.wte.weight", "transformer.wte.weight", vocab, False),
+                 ("transformer.wpe.weight", "transformer.wpe.weight", None, False)]
+        for i in range(config.n_layer):
+            for leaf in ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+                         "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                         "mlp.c_proj.weight", "mlp.c_proj.bias"):
+                name = f"transformer.h.{i}.{leaf}"
+                table.append((name, name, None, leaf in conv1d))
+        table += [("transformer.ln_f.weight", "transformer.ln_f.weight", None, False),
+                  ("transformer.ln_f.bias", "transformer.ln_f.bias", None, False)]
+    else:
+        q, kv, hidden = config.n_head * config.head_dim, config.n_kv_head * config.head_dim, config.mlp_hidden
+        table = [("model.embed_tokens.weight", "transformer.wte.weight", vocab, False)]
+        for i in range(config.n_layer):
+            ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
+            table += [
+                (theirs + "input_layernorm.weight", ours + "ln_1.weight", None, False),
+                (theirs + "self_attn.q_proj.weight", ours + "attn.c_attn.weight", slice(0, q), False),
+                (theirs + "self_attn.k_proj.weight", ours + "attn.c_attn.weight", slice(q, q + kv), False),
+                (theirs + "self_attn.v_proj.weight", ours + "attn.c_attn.weight", slice(q + kv, q + 2 * kv), False),
+                (theirs + "self_attn.o_proj.weight", ours + "attn.c_proj.weight", None, False),
+                (theirs + "post_attention_layernorm.weight", ours + "ln_2.weight", None, False),
+                (theirs + "mlp.gate_proj.weight", ours + "mlp.c_fc.weight", slice(0, hidden), False),
+                (theirs + "mlp.up_proj.weight", ours + "mlp.c_fc.weight", slice(hidden, 2 * hidden), False),
+                (theirs + "mlp.down_proj.weight", ours + "mlp.c_proj.weight", None, False),
+            ]
+        table.append(("model.norm.weight", "transformer.ln_f.weight", None, False))
+    if not config.tie_embeddings:
+        table.append(("lm_head.weight", "lm_head.weight", vocab, False))
+    return table
+
+
+def config_from_hf(c, name: str, dropout: float) -> GPTConfig:
+    """Our config for a Hugging Face GPT-2 or Llama config, refusing variants this model would compute differently."""
+    padded = 128 * math.ceil(c.vocab_size / 128)
+    tie = bool(getattr(c, "tie_word_embeddings", True))
+    if c.model_type == "gpt2":
+        checks = [
             (f"activation {c.activation_function}", c.activation_function in ("gelu_new", "gelu_pytorch_tanh")),
-            (f"n_inner {c.n_inner}", c.n_inner in (None, 4 * c.n_embd)),
             (f"layer_norm_epsilon {c.layer_norm_epsilon}", c.layer_norm_epsilon == 1e-5),
             ("scale_attn_by_inverse_layer_idx", not c.scale_attn_by_inverse_layer_idx),
             ("reorder_and_upcast_attn", not c.reorder_and_upcast_attn),
-        ) if not ok]
-        if unsupported:
-            raise UserError(f"'{name_or_dir}' is a GPT-2 variant this model cannot represent: {', '.join(unsupported)}")
-        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
-                           n_embd=c.n_embd, padded_vocab_size=128 * math.ceil(c.vocab_size / 128))
-        model = cls(config)
-        hf_sd = hf.state_dict()
-        # HF stores these as Conv1D, i.e. (in, out): transpose into nn.Linear's (out, in)
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-        with torch.no_grad():
-            for name, p in model.state_dict().items():
-                w = hf_sd[name]
-                if name.endswith(transposed):
-                    w = w.t()
-                if name in ("transformer.wte.weight", "lm_head.weight"):
-                    p.zero_()  # padding rows stay zero: they are masked out of every softmax anyway
-                    p[: w.size(0)].copy_(w)
-                else:
-                    p.copy_(w)
-        return model
+        ]
+        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, padded_vocab_size=padded,
+                           n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, mlp_hidden=c.n_inner,
+                           dropout=dropout, tie_embeddings=tie)
+    else:
+        rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+        theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        checks = [
+            (f"activation {c.hidden_act}", c.hidden_act == "silu"),
+            (f"rms_norm_eps {c.rms_norm_eps}", c.rms_norm_eps == 1e-5),
+            (f"rope scaling {rope.get('rope_type')}", rope.get("rope_type", "default") == "default"),
+            ("attention or MLP biases", not c.attention_bias and not getattr(c, "mlp_bias", False)),
+            (f"head_dim {head_dim}", head_dim * c.num_attention_heads == c.hidden_size),
+        ]
+        config = GPTConfig(block_size=c.max_position_embeddings, vocab_size=c.vocab_size, padded_vocab_size=padded,
+                           n_layer=c.num_hidden_layers, n_head=c.num_attention_heads, n_embd=c.hidden_size,
+                           n_kv_head=c.num_key_value_heads, norm="rmsnorm", pos="rope", rope_theta=float(theta),
+                           mlp="swiglu", mlp_hidden=c.intermediate_size, bias=False, dropout=dropout,
+                           tie_embeddings=tie)
+    unsupported = [what for what, ok in checks if not ok]
+    if unsupported:
+        raise UserError(f"'{name}' is a {c.model_type} variant this model cannot represent: {', '.join(unsupported)}")
+    return config
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -269,6 +546,41 @@ def get_tokenizer():
         special_tokens={"<|endoftext|>": EOT_TOKEN},
     )
 
+
+
+def byte_to_char() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte, the alphabet of Hugging Face's vocab.json and merges.txt: printable
+    Latin-1 bytes stand for themselves, the other 68 for the characters from U+0100 on (space is 'Ġ')."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def gpt2_tokenizer_files() -> dict[str, str]:
+    """vocab.json and merges.txt for Hugging Face tokenizers, recovered from the bundled ranks. Every token above the
+    256 bytes was made by one merge: running BPE on its bytes with only the merges ranked before it leaves exactly
+    the two parts that merge was made of."""
+    from tiktoken.load import load_tiktoken_bpe
+
+    ranks = load_tiktoken_bpe(BPE_RANKS_PATH)
+    chars = byte_to_char()
+    show = lambda token: "".join(chars[b] for b in token)  # noqa: E731
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) == 1:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            pair_ranks = [ranks.get(a + b, rank) for a, b in zip(parts, parts[1:])]
+            i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
+            if pair_ranks[i] >= rank:
+                raise ValueError(f"token {rank} cannot be built from earlier merges: {BPE_RANKS_PATH} is not a BPE")
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        merges.append(f"{show(parts[0])} {show(parts[1])}")
+    vocab = {show(token): rank for token, rank in ranks.items()}
+    vocab["<|endoftext|>"] = EOT_TOKEN
+    return {"vocab.json": json.dumps(vocab, ensure_ascii=False),
+            "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n"}
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -388,20 +700,50 @@ class ShardLoader:
 # optimizer and learning-rate schedule
 
 
-def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, device_type: str,
-                        betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW that decays matrices and embeddings (>= 2-D) but not biases and norm gains; the tied embedding is one
-    Parameter, so named_parameters() yields it once. Fused where this torch supports the device, and it says so."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+def decay_groups(params: list[nn.Parameter], weight_decay: float, lr_flag: str) -> list[dict]:
+    """Decay matrices and embeddings (>= 2-D), not biases and norm gains. lr_flag names the CLI flag that sets the
+    group's peak learning rate, so the schedule can scale each optimiser's groups from their own flag."""
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr_flag": lr_flag},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_flag": lr_flag}]
+    return [g for g in groups if g["params"]]
+
+
+def adamw(params: list[nn.Parameter], lr: float, weight_decay: float, device_type: str,
+          betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over decay_groups, fused where this torch supports the device, and it says so where not."""
+    groups = decay_groups(params, weight_decay, "lr")
     try:
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
     except (RuntimeError, TypeError) as e:
         print0(f"fused AdamW is not available on {device_type} ({e}); using the foreach implementation")
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+
+
+def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, device_type: str,
+                        betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW for the whole model; the tied embedding is one Parameter, so parameters() yields it once."""
+    return adamw([p for p in model.parameters() if p.requires_grad], lr, weight_decay, device_type, betas, eps)
+
+
+def configure_optimizers(model: nn.Module, name: str, args: argparse.Namespace,
+                         device_type: str) -> list[torch.optim.Optimizer]:
+    """The optimisers of --optimizer: adamw or sgd over every parameter, or muon for the 2-D matrices inside the
+    blocks plus AdamW (at --lr) for embeddings, lm_head, norms and biases, which Muon's orthogonalised updates do
+    not suit. Every group carries lr_flag; the LR schedule multiplies that flag's value."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "adamw":
+        return [adamw(params, args.lr, args.weight_decay, device_type)]
+    if name == "sgd":
+        return [torch.optim.SGD(decay_groups(params, args.weight_decay, "lr"), lr=args.lr, momentum=args.sgd_momentum,
+                                nesterov=args.sgd_momentum > 0)]
+    if not hasattr(torch.optim, "Muon"):
+        raise UserError(f"--optimizer muon needs torch.optim.Muon (torch >= 2.9), this is torch {torch.__version__}; "
+                        "upgrade torch or use --optimizer adamw")
+    hidden = [p for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2]
+    hidden_ids = {id(p) for p in hidden}
+    muon = torch.optim.Muon([{"params": hidden, "lr_flag": "muon_lr"}], lr=args.muon_lr, momentum=args.muon_momentum,
+                            weight_decay=args.muon_weight_decay, nesterov=True, adjust_lr_fn="original")
+    return [muon, adamw([p for p in params if id(p) not in hidden_ids], args.lr, args.weight_decay, device_type)]
 
 
 def lr_at(step: int, max_lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
@@ -558,6 +900,78 @@ def load_checkpoint_model(path: str, device: str = "cpu") -> GPT:
     return model.to(device).eval()
 
 
+def write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """The safetensors format, written directly (it is an 8-byte little-endian header length, a JSON header of names,
+    dtypes, shapes and byte ranges, then the raw bytes), so exporting needs no extra package. fp32 only."""
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        n_bytes = t.numel() * 4
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + n_bytes]}
+        offset += n_bytes
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with atomic_write(path) as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for t in tensors.values():
+            f.write(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+
+
+def hf_config(config: GPTConfig) -> dict:
+    """config.json for the Hugging Face layout of `config` (see hf_layout)."""
+    common = {"vocab_size": config.vocab_size, "bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN,
+              "tie_word_embeddings": config.tie_embeddings}
+    if hf_layout(config) == "gpt2":
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_positions": config.block_size,
+                "n_ctx": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer,
+                "n_head": config.n_head, "n_inner": config.mlp_hidden, "activation_function": "gelu_new",
+                "layer_norm_epsilon": 1e-5, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, **common}
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": config.n_embd,
+            "intermediate_size": config.mlp_hidden, "num_hidden_layers": config.n_layer,
+            "num_attention_heads": config.n_head, "num_key_value_heads": config.n_kv_head,
+            "head_dim": config.head_dim, "max_position_embeddings": config.block_size, "hidden_act": "silu",
+            "rms_norm_eps": 1e-5, "rope_theta": config.rope_theta, "rope_parameters": rope, "rope_scaling": None,
+            "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, **common}
+
+
+def export_hf(model: GPT, out_dir: str) -> str:
+    """Write `model` as a Hugging Face model directory (safetensors weights, config.json, GPT-2 tokenizer files) with
+    the vocabulary cut back to its real size; returns the layout. The directory appears complete or not at all."""
+    layout = hf_layout(model.config)
+    if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and not os.listdir(out_dir)):
+        raise UserError(f"--export_hf '{out_dir}' already exists and is not an empty directory; choose a new one")
+    sd = model.state_dict()
+    tensors = {}
+    for hf_name, name, rows, transposed in hf_weight_map(model.config):
+        w = sd[name] if rows is None else sd[name][rows]
+        tensors[hf_name] = w.t() if transposed else w
+    files = {
+        "config.json": json.dumps(hf_config(model.config), indent=2),
+        "generation_config.json": json.dumps({"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN}),
+        "tokenizer_config.json": json.dumps({
+            "tokenizer_class": "GPT2Tokenizer", "model_max_length": model.config.block_size,
+            "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+            "add_prefix_space": False}, indent=2),
+        "special_tokens_map.json": json.dumps(
+            {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}),
+        **gpt2_tokenizer_files(),
+    }
+    tmp = f"{os.path.normpath(out_dir)}.tmp{os.getpid()}"
+    os.makedirs(tmp)
+    try:
+        write_safetensors(os.path.join(tmp, "model.safetensors"), tensors)
+        for name, text in files.items():
+            with atomic_write(os.path.join(tmp, name), "w") as f:
+                f.write(text)
+        os.replace(tmp, out_dir)  # a rename: replaces nothing but an empty directory
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    return layout
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # train loop
 
@@ -622,17 +1036,25 @@ def check_args(args: argparse.Namespace, config: GPTConfig, world_size: int) -> 
     if args.seq_len > config.block_size:
         raise UserError(f"--seq_len {args.seq_len} exceeds the model's block_size {config.block_size}; "
                         f"lower --seq_len or raise --block_size")
-    for flag in ("batch_size", "seq_len", "total_batch_size", "max_steps", "max_bad_steps"):
-        if getattr(args, flag) <= 0:
+    if args.epochs is not None and args.max_steps is not None:
+        raise UserError("--epochs and --max_steps both set the length of the run; give one of them")
+    if args.epochs is None and args.max_steps is None:
+        args.max_steps = DEFAULT_MAX_STEPS
+    for flag in ("batch_size", "seq_len", "total_batch_size", "max_steps", "max_bad_steps", "epochs"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise UserError(f"--{flag} must be positive, got {getattr(args, flag)}")
     for flag in ("val_every", "sample_every", "save_every", "hellaswag_every", "warmup_steps", "keep_last"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag} must be 0 (off) or positive, got {getattr(args, flag)}")
+    if args.epochs is not None and not math.isfinite(args.epochs):
+        raise UserError(f"--epochs must be a finite number, got {args.epochs}")
+    for flag in ("sgd_momentum", "muon_momentum"):
+        if not 0.0 <= getattr(args, flag) < 1.0:
+            raise UserError(f"--{flag} must be in [0, 1), got {getattr(args, flag)}")
     if args.hellaswag_limit is not None and args.hellaswag_limit < 1:
         raise UserError(f"--hellaswag_limit must be positive (or left out for all examples), got {args.hellaswag_limit}")
-    if args.warmup_steps > args.max_steps:
-        raise UserError(f"--warmup_steps {args.warmup_steps} is longer than --max_steps {args.max_steps}: the learning "
-                        "rate would never reach --lr; lower --warmup_steps")
+    if args.int8 and not args.sample_only:
+        raise UserError("--int8 applies to --sample_only; training runs at full precision")
     tokens_per_micro_step = args.batch_size * args.seq_len * world_size
     if args.total_batch_size % tokens_per_micro_step:
         raise UserError(f"--total_batch_size {args.total_batch_size} is not divisible by batch_size*seq_len*world_size "
@@ -666,13 +1088,28 @@ def find_resume_checkpoint(args: argparse.Namespace) -> tuple[str | None, dict |
     return None, None
 
 
-def check_compatible(ckpt: dict, config: GPTConfig, path: str) -> None:
+def resolve_max_steps(args: argparse.Namespace, train_tokens: int) -> None:
+    """--epochs E becomes the steps that read E times the training tokens; then the schedule is checked."""
+    if args.epochs is not None:
+        args.max_steps = max(1, math.ceil(args.epochs * train_tokens / args.total_batch_size))
+        print0(f"--epochs {args.epochs} of {train_tokens:,} tokens = {args.max_steps} steps")
+    if args.warmup_steps > args.max_steps:
+        raise UserError(f"--warmup_steps {args.warmup_steps} is longer than --max_steps {args.max_steps}: the learning "
+                        "rate would never reach --lr; lower --warmup_steps")
+
+
+def check_compatible(ckpt: dict, config: GPTConfig, optimizer: str, path: str) -> None:
+    """A checkpoint resumes only into the same architecture and optimiser; dropout may change between runs."""
     saved = GPTConfig(**ckpt["config"])
-    if saved != config:
-        diff = ", ".join(f"{f.name} {getattr(saved, f.name)} vs {getattr(config, f.name)}"
-                         for f in fields(GPTConfig) if getattr(saved, f.name) != getattr(config, f.name))
+    diff = ", ".join(f"{f.name} {getattr(saved, f.name)} vs {getattr(config, f.name)}" for f in fields(GPTConfig)
+                     if f.name != "dropout" and getattr(saved, f.name) != getattr(config, f.name))
+    if diff:
         raise UserError(f"checkpoint '{path}' was trained with a different model ({diff}); "
-                        "pass the same --model and size flags, or another --out_dir")
+                        "pass the same --model and architecture flags, or another --out_dir")
+    saved_optimizer = ckpt["args"].get("optimizer", "adamw")
+    if saved_optimizer != optimizer:
+        raise UserError(f"checkpoint '{path}' was trained with --optimizer {saved_optimizer}, not {optimizer}; "
+                        f"pass --optimizer {saved_optimizer}, or another --out_dir")
 
 
 def rewrite_log(log_path: str, keep_until_step: int | None) -> None:
@@ -711,6 +1148,23 @@ class PreemptionFlag:
         return bool(flag.item())
 
 
+ARCH_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "n_kv_head", "norm", "pos", "rope_theta", "mlp",
+              "mlp_hidden", "bias")
+
+
+def model_from_args(args: argparse.Namespace) -> tuple[GPTConfig, GPT | None]:
+    """The architecture the flags ask for, or with --init_from the pretrained model's own, and its weights."""
+    arch = {flag: getattr(args, flag) for flag in ARCH_FLAGS}
+    arch["tie_embeddings"] = False if args.untie else None
+    if args.init_from:
+        given = ["--untie" if k == "tie_embeddings" else f"--{k}" for k, v in arch.items() if v is not None]
+        if given:
+            raise UserError(f"--init_from takes the architecture from '{args.init_from}'; drop {' '.join(given)}")
+        pretrained = GPT.from_pretrained(args.init_from, dropout=args.dropout)
+        return pretrained.config, pretrained
+    return model_config(args.model, dropout=args.dropout, **arch), None
+
+
 def train(args: argparse.Namespace) -> None:
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -721,11 +1175,11 @@ def train(args: argparse.Namespace) -> None:
     # ---- everything a user can get wrong is checked before a process group, a file or a model exists
     device = resolve_device(args.device, local_rank)
     dtype = resolve_dtype(args.dtype, device)
-    config = model_config(args.model, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                          block_size=args.block_size)
+    config, pretrained = model_from_args(args)
     grad_accum = check_args(args, config, world_size)
     train_loader = ShardLoader(args.data_dir, "train", args.batch_size, args.seq_len, rank, world_size,
                                config.vocab_size)
+    resolve_max_steps(args, len(train_loader.stream))
     val_stream = TokenStream(args.data_dir, "val", config.vocab_size) if args.val_every else None
     hellaswag_examples = None
     if args.hellaswag_every:
@@ -733,7 +1187,7 @@ def train(args: argparse.Namespace) -> None:
         hellaswag_examples = hellaswag_eval.load_examples(args.hellaswag_file, args.hellaswag_limit)
     resume_path, ckpt = find_resume_checkpoint(args)
     if ckpt is not None:
-        check_compatible(ckpt, config, resume_path)
+        check_compatible(ckpt, config, args.optimizer, resume_path)
     use_compile = device.type == "cuda" if args.compile is None else args.compile
 
     if distributed:
@@ -752,13 +1206,17 @@ def train(args: argparse.Namespace) -> None:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    model = GPT(config).to(device)
-    optimizer = configure_optimizer(model, args.lr, args.weight_decay, device.type)
+    model = (pretrained if pretrained is not None and ckpt is None else GPT(config)).to(device)
+    del pretrained
+    model.activation_checkpointing = args.activation_checkpointing
+    optimizers = configure_optimizers(model, args.optimizer, args, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        saved = ckpt["optimizer"]
+        for optimizer, state in zip(optimizers, saved if isinstance(saved, list) else [saved]):
+            optimizer.load_state_dict(state)
         scaler.load_state_dict(ckpt["scaler"])
         train_loader.load_state_dict(ckpt["loader"])
         step = ckpt["step"]
@@ -787,11 +1245,12 @@ def train(args: argparse.Namespace) -> None:
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
         rewrite_log(log_path, step if ckpt is not None else None)
-        print0(f"model {args.model}: {n_params:,} parameters | device {device} | dtype {str(dtype)[6:]} | "
-               f"compile {use_compile} | world size {world_size}")
+        print0(f"model {args.init_from or args.model}: {n_params:,} parameters | device {device} | "
+               f"dtype {str(dtype)[6:]} | compile {use_compile} | world size {world_size}")
+        optimizer_names = " + ".join(type(o).__name__ + (" (fused)" if o.defaults.get("fused") else "")
+                                     for o in optimizers)
         print0(f"batch {tokens_per_step:,} tokens = {args.batch_size} x {args.seq_len} x {world_size} ranks x "
-               f"{grad_accum} micro-steps | {len(train_loader.stream):,} train tokens | "
-               f"fused AdamW {optimizer.defaults.get('fused')}")
+               f"{grad_accum} micro-steps | {len(train_loader.stream):,} train tokens | {optimizer_names}")
 
     def log(record: dict) -> None:
         if master:
@@ -834,7 +1293,7 @@ def train(args: argparse.Namespace) -> None:
             try:
                 with atomic_write(path, verify=verify) as f:
                     torch.save({
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "model": model.state_dict(), "optimizer": [o.state_dict() for o in optimizers],
                         "scaler": scaler.state_dict(), "step": step, "loader": train_loader.state_dict(),
                         "rng": rngs, "config": asdict(config), "args": vars(args),
                     }, f)
@@ -858,10 +1317,12 @@ def train(args: argparse.Namespace) -> None:
         bad_steps = 0
         while step < stop_at:
             t0 = time.perf_counter()
-            lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
+            lr_scale = lr_at(step, 1.0, args.warmup_steps, args.max_steps, args.min_lr_ratio)
+            lr = args.lr * lr_scale
+            for optimizer in optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = getattr(args, group.get("lr_flag", "lr")) * lr_scale
+                optimizer.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), device=device)
             for micro_step in range(grad_accum):
                 x, y = train_loader.next_batch()
@@ -877,14 +1338,16 @@ def train(args: argparse.Namespace) -> None:
             if distributed:
                 dist.all_reduce(loss_sum)
                 loss_sum /= world_size
-            scaler.unscale_(optimizer)
+            for optimizer in optimizers:
+                scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
             # every rank sees the same all-reduced loss and gradients, so every rank makes the same decision here;
             # with fp16, overflowing gradients are the GradScaler's business (it skips the step and lowers the scale)
             train_loss, grad_norm = loss_sum.item(), grad_norm.item()
             finite = math.isfinite(train_loss) and (scaler.is_enabled() or math.isfinite(grad_norm))
             if finite:
-                scaler.step(optimizer)
+                for optimizer in optimizers:
+                    scaler.step(optimizer)
                 bad_steps = 0
             else:
                 bad_steps += 1
@@ -920,6 +1383,64 @@ def train(args: argparse.Namespace) -> None:
         dist.destroy_process_group()
 
 
+def load_for_inference(args: argparse.Namespace) -> tuple[GPT, str]:
+    """The model of --resume (a path, or auto: the newest readable one in --out_dir) or of --init_from."""
+    if args.resume is not None:
+        path, ckpt = find_resume_checkpoint(args)
+        if ckpt is None:
+            raise UserError(f"no checkpoint in '{args.out_dir}'; pass --resume PATH or the --out_dir of a run")
+        model = GPT(GPTConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+        return model.eval(), path
+    if args.init_from:
+        return GPT.from_pretrained(args.init_from).eval(), args.init_from
+    raise UserError("which model? pass --resume CKPT (or --resume auto with --out_dir) or --init_from NAME_OR_DIR")
+
+
+def export_command(args: argparse.Namespace) -> None:
+    if args.resume is None:
+        raise UserError("--export_hf needs the checkpoint to export: --resume CKPT, or --resume auto with --out_dir")
+    model, path = load_for_inference(args)
+    layout = export_hf(model, args.export_hf)
+    print(f"exported {path} as a Hugging Face {layout} model to {args.export_hf}")
+
+
+def sample_command(args: argparse.Namespace) -> None:
+    """A timed sample; with --int8, the same from an int8 copy (GPT.int8), its speed-up and its validation loss."""
+    device = resolve_device(args.device, 0)
+    dtype = resolve_dtype(args.dtype, device)
+    if args.int8 and device.type != "cpu":
+        raise UserError("--int8 sampling uses a CPU kernel; add --device cpu")
+    val_stream = None
+    if args.int8:
+        try:
+            val_stream = TokenStream(args.data_dir, "val")
+        except UserError as e:
+            print(f"no validation loss for the int8 comparison: {e}")
+    model, source = load_for_inference(args)
+    variants = [("full", model.to(device))] + ([("int8", model.int8())] if args.int8 else [])
+    amp_ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    prompt = torch.tensor([get_tokenizer().encode_ordinary(args.prompt)], dtype=torch.long, device=device)
+    speeds = {}
+    for name, m in variants:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        with amp_ctx:
+            m.generate(prompt, 2, top_k=args.top_k)  # warm-up: first-call allocation and kernel selection
+            t0 = time.perf_counter()
+            out = m.generate(prompt, args.sample_tokens, top_k=args.top_k, generator=generator)
+            synchronize(device)
+            speeds[name] = args.sample_tokens / (time.perf_counter() - t0)
+        print(f"{name} ({source}): {speeds[name]:.1f} tok/s | {get_tokenizer().decode(out[0].tolist())!r}")
+        if val_stream is not None:
+            seq_len = min(args.seq_len, model.config.block_size)
+            loss, n = evaluate_loss(m, val_stream, args.batch_size, seq_len, args.val_tokens, device, amp_ctx)
+            print(f"{name}: val loss {loss:.4f} over {n:,} tokens")
+            speeds[name + "_loss"] = loss
+    if args.int8:
+        change = (f", val loss {speeds['int8_loss'] - speeds['full_loss']:+.4f}" if val_stream is not None else "")
+        print(f"int8 vs full: {speeds['int8'] / speeds['full']:.2f}x tokens/s{change}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 
@@ -933,6 +1454,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--n_head", type=int, default=None, help="override the preset's number of attention heads")
     g.add_argument("--n_embd", type=int, default=None, help="override the preset's width (residual stream size)")
     g.add_argument("--block_size", type=int, default=None, help="override the longest context (1024 in all presets)")
+    g.add_argument("--norm", choices=["layernorm", "rmsnorm"], default=None, help="normalisation layer (default layernorm)")
+    g.add_argument("--pos", choices=["learned", "rope"], default=None,
+                   help="position encoding: GPT-2's learned table or rotary embeddings (default learned)")
+    g.add_argument("--rope_theta", type=float, default=None, help="RoPE base wavelength (default 10000)")
+    g.add_argument("--n_kv_head", type=int, default=None,
+                   help="key/value heads for grouped-query attention; must divide n_head, 1 = multi-query "
+                        "(default n_head)")
+    g.add_argument("--mlp", choices=["gelu", "swiglu"], default=None, help="MLP type (default gelu)")
+    g.add_argument("--mlp_hidden", type=int, default=None,
+                   help="MLP hidden size (default 4*n_embd for gelu, 8/3*n_embd rounded up to 64 for swiglu)")
+    g.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None,
+                   help="biases in linear and LayerNorm layers (default on)")
+    g.add_argument("--untie", action="store_true", help="give lm_head its own matrix instead of the token embedding's")
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout on embeddings, attention and residual branches")
+    g.add_argument("--init_from", default=None, metavar="NAME_OR_DIR",
+                   help="start from Hugging Face weights (gpt2, gpt2-medium, ... or a local GPT-2/Llama directory); "
+                        "the architecture comes from there")
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", default="data/edu_fineweb10B",
                    help="folder of *train* and *val* shards (.bin from prepare_fineweb.py or llm.c, or .npy)")
@@ -941,8 +1479,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--total_batch_size", type=int, default=524288,
                    help="tokens per optimizer step over all ranks; grad accumulation makes up the rest")
     g = p.add_argument_group("optimization")
-    g.add_argument("--max_steps", type=int, default=19073, help="optimizer steps; the LR schedule ends here")
-    g.add_argument("--lr", type=float, default=6e-4, help="peak learning rate")
+    g.add_argument("--max_steps", type=int, default=None,
+                   help=f"optimizer steps; the LR schedule ends here (default {DEFAULT_MAX_STEPS}: 10B tokens at 0.5M a step)")
+    g.add_argument("--epochs", type=float, default=None,
+                   help="set --max_steps from passes over the training tokens instead (fractions allowed)")
+    g.add_argument("--optimizer", choices=["adamw", "sgd", "muon"], default="adamw",
+                   help="muon: Muon on the blocks' matrices (at --muon_lr), AdamW on the rest (at --lr)")
+    g.add_argument("--lr", type=float, default=6e-4, help="peak learning rate of AdamW/SGD (or Muon's AdamW part)")
+    g.add_argument("--muon_lr", type=float, default=0.02, help="peak learning rate of Muon's matrices")
+    g.add_argument("--muon_momentum", type=float, default=0.95, help="Muon's (Nesterov) momentum")
+    g.add_argument("--muon_weight_decay", type=float, default=0.0, help="Muon's decoupled weight decay on its matrices")
+    g.add_argument("--sgd_momentum", type=float, default=0.9, help="SGD's Nesterov momentum (0 = plain SGD)")
     g.add_argument("--min_lr_ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
     g.add_argument("--warmup_steps", type=int, default=715, help="steps of linear learning-rate warmup")
     g.add_argument("--weight_decay", type=float, default=0.1, help="AdamW decay on matrices and embeddings")
@@ -953,6 +1500,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto picks cuda, then mps, then cpu")
     g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="autocast precision; auto = bf16 where supported, else fp16 with a GradScaler on CUDA")
+    g.add_argument("--activation_checkpointing", action="store_true",
+                   help="recompute each block's activations in backward: less memory for ~1/3 more compute")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA, off otherwise)")
     g.add_argument("--peak_tflops", type=float, default=None,
@@ -981,13 +1530,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stop after this many steps in a row with a non-finite loss or gradient norm (each skipped)")
     g.add_argument("--stop_at_step", type=int, default=None,
                    help="save and stop after this step without changing the LR schedule (for time-limited jobs)")
+    g = p.add_argument_group("other commands (instead of training)")
+    g.add_argument("--export_hf", default=None, metavar="DIR",
+                   help="write the --resume checkpoint as a Hugging Face model directory (GPT-2 or Llama layout) and exit")
+    g.add_argument("--sample_only", action="store_true",
+                   help="print a sample from --resume or --init_from with its tokens/s, and exit")
+    g.add_argument("--int8", action="store_true",
+                   help="with --sample_only on CPU: also sample from an int8 copy of the linear layers, and report its speed-up "
+                        "and validation-loss change on --data_dir")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        train(args)
+        if args.export_hf:
+            export_command(args)
+        elif args.sample_only:
+            sample_command(args)
+        else:
+            train(args)
     except UserError as e:
         if is_master():
             print(f"error: {e}", file=sys.stderr)

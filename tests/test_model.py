@@ -135,12 +135,28 @@ def test_from_pretrained_unreadable_directory_is_a_user_error(tmp_path):
         GPT.from_pretrained(str(tmp_path / "no_such_model"))
 
 
-@pytest.mark.parametrize("override", [dict(tie_word_embeddings=False), dict(activation_function="relu"),
-                                      dict(n_inner=128)], ids=["untied", "relu", "n_inner"])
+@pytest.mark.parametrize("override", [dict(activation_function="relu"), dict(layer_norm_epsilon=1e-6),
+                                      dict(scale_attn_by_inverse_layer_idx=True)],
+                         ids=["relu", "layer_norm_epsilon", "scale_attn_by_inverse_layer_idx"])
 def test_from_pretrained_refuses_variants_it_cannot_represent(tmp_path, override):
     hf_gpt2(**override).save_pretrained(tmp_path)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=next(iter(override)).split("_")[0]):
         GPT.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("override", [dict(tie_word_embeddings=False), dict(n_inner=96)], ids=["untied", "n_inner"])
+def test_from_pretrained_untied_head_and_other_mlp_widths_match_hugging_face(tmp_path, override):
+    hf = hf_gpt2(**override)
+    hf.save_pretrained(tmp_path)
+    model = GPT.from_pretrained(str(tmp_path)).eval()
+    assert model.config.tie_embeddings == override.get("tie_word_embeddings", True)
+    assert model.config.mlp_hidden == override.get("n_inner", 4 * 64)
+    idx = tokens((2, 64), seed=4)
+    with torch.no_grad():
+        ref = hf(idx).logits
+        logits, _ = model(idx)
+    assert (logits[..., :V] - ref).abs().max().item() <= 1e-4
+    assert model.num_params() == sum(p.numel() for p in hf.parameters())
 
 
 # ----------------------------------------------------------------------------------------------------------------
