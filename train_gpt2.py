@@ -200,6 +200,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = config.dropout
         self.resid_dropout = make_dropout(config.dropout)
+        self.manual = False  # explicit softmax(QK^T)V instead of SDPA's fused kernels: the benchmark's baseline
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -220,8 +221,15 @@ class CausalSelfAttention(nn.Module):
         mask = None
         if T > 1 and S > T:  # new tokens after cached ones: each sees the cache and the new tokens up to itself
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and S == T,
-                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        if self.manual:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(hd)
+            allowed = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            weights = F.dropout(scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1),
+                                self.attn_dropout if self.training else 0.0)
+            y = weights @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and S == T,
+                                               dropout_p=self.attn_dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -1441,6 +1449,160 @@ def sample_command(args: argparse.Namespace) -> None:
         print(f"int8 vs full: {speeds['int8'] / speeds['full']:.2f}x tokens/s{change}")
 
 
+class PeakRSS:
+    """The highest resident set size seen while inside the block, sampled every 2 ms from /proc (a CPU has no
+    allocator statistics, and the process-wide maximum would carry over from earlier runs in the same process)."""
+
+    def __enter__(self) -> "PeakRSS":
+        import threading
+        self.peak, self._stop = self._rss(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:  # not Linux: the process-wide maximum is the best there is
+            import resource
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+# One row per optimisation, each keeping those above it; the first row is a straightforward implementation
+LADDER = [
+    ("fp32 eager, manual attention, vocab 50257, for-loop AdamW", {}),
+    ("+ TF32 matmuls", {"tf32": True}),
+    ("+ bf16 autocast", {"bf16": True}),
+    ("+ SDPA (flash) attention", {"sdpa": True}),
+    ("+ vocab padded to 50304", {"padded": True}),
+    ("+ fused AdamW", {"fused": True}),
+    ("+ torch.compile", {"compile": True}),
+]
+
+
+def ladder_skip_reason(settings: dict, device: torch.device) -> str | None:
+    if settings.get("tf32") and device.type != "cuda":
+        return "TF32 is a CUDA tensor-core mode"
+    if settings.get("bf16") and not native_bf16(device):
+        return f"this {device.type} has no native bf16 (emulated, far slower than fp32): the rows below stay fp32"
+    return None
+
+
+def time_training_step(config: GPTConfig, device: torch.device, batch_size: int, seq_len: int, steps: int,
+                       warmup: int, data_dir: str | None = None, tf32: bool = False, bf16: bool = False,
+                       sdpa: bool = True, padded: bool = True, fused: bool = True, compile: bool = False) -> dict:
+    """Median time of a full training step (forward, backward, clip, AdamW) after `warmup` untimed steps, on
+    synthetic tokens (or data_dir's train shards), with each optimisation switchable; the model FLOP/s it achieves
+    and the peak memory."""
+    if not padded:
+        config = GPTConfig(**{**asdict(config), "padded_vocab_size": config.vocab_size})
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    for block in model.transformer.h:
+        block.attn.manual = not sdpa
+    groups = decay_groups(list(model.parameters()), 0.1, "lr")
+    optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), **({"fused": True} if fused else {"foreach": False}))
+    forward = torch.compile(model) if compile else model
+    amp_ctx = torch.autocast(device.type, dtype=dtype) if bf16 else nullcontext()
+    loader = ShardLoader(data_dir, "train", batch_size, seq_len) if data_dir else None
+    generator = torch.Generator().manual_seed(0)
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with PeakRSS() as rss:
+        for i in range(warmup + steps):
+            if loader is not None:
+                x, y = loader.next_batch()
+            else:
+                tokens = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), generator=generator)
+                x, y = tokens[:, :-1], tokens[:, 1:]
+            x, y = x.to(device), y.to(device)
+            t0 = time.perf_counter()
+            with amp_ctx:
+                _, loss = forward(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            synchronize(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    dt = sorted(times)[len(times) // 2]
+    memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak
+    return {"ms": 1000 * dt, "tok_per_s": batch_size * seq_len / dt, "memory": memory, "dtype": dtype,
+            "flops_per_s": flops_per_token(config, seq_len, model.num_params()) * batch_size * seq_len / dt}
+
+
+def add_mfu(rows: list[dict], device: torch.device, peak_tflops: float | None) -> None:
+    """MFU of each timed row against the peak of its dtype, probed once per dtype on CPU and raised to any row that
+    beats it (a probe on a busy machine can come out low), so every row shares one yardstick and none exceeds 100%."""
+    for dtype in {r["dtype"] for r in rows}:
+        same = [r for r in rows if r["dtype"] == dtype]
+        peak = device_peak_flops(device, dtype, peak_tflops)
+        if peak and device.type == "cpu" and not peak_tflops:
+            peak = max([peak] + [r["flops_per_s"] for r in same])
+        for r in same:
+            r["mfu"] = r["flops_per_s"] / peak if peak else None
+
+
+def benchmark_command(args: argparse.Namespace) -> None:
+    """--benchmark: time this run's training step; --benchmark ladder: time it with each optimisation added in turn."""
+    device = resolve_device(args.device, 0)
+    config, _ = model_from_args(args)
+    if args.seq_len > config.block_size:
+        raise UserError(f"--seq_len {args.seq_len} exceeds the model's block_size {config.block_size}")
+    data_dir = args.data_dir if args.benchmark_data == "real" else None
+    common = dict(batch_size=args.batch_size, seq_len=args.seq_len, steps=args.benchmark_steps,
+                  warmup=args.benchmark_warmup, data_dir=data_dir)
+    print(f"benchmark: {args.init_from or args.model}, B={args.batch_size}, T={args.seq_len}, device {device}, "
+          f"{args.benchmark_warmup} warm-up + {args.benchmark_steps} timed steps, "
+          f"{'train shards' if data_dir else 'synthetic tokens'}", flush=True)
+    if args.benchmark == "step":
+        dtype = resolve_dtype(args.dtype, device)
+        use_compile = device.type == "cuda" if args.compile is None else args.compile
+        r = time_training_step(config, device, tf32=device.type == "cuda", bf16=dtype == torch.bfloat16,
+                               compile=use_compile, **common)
+        add_mfu([r], device, args.peak_tflops)
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        print(f"{r['ms']:.1f} ms/step | {r['tok_per_s']:,.0f} tok/s | MFU {mfu} | peak memory {r['memory'] / 2**30:.2f} GiB")
+        return
+    settings, rows = {"sdpa": False, "padded": False, "fused": False}, []
+    for name, change in LADDER:
+        reason = ladder_skip_reason(change, device)
+        if reason is None:
+            settings.update(change)
+            print(f"timing: {name}", flush=True)
+            rows.append({"name": name, **time_training_step(config, device, **settings, **common)})
+        else:
+            rows.append({"name": name, "skipped": reason})
+    timed = [r for r in rows if "skipped" not in r]
+    add_mfu(timed, device, args.peak_tflops)
+    print("| step | ms/step | tok/s | MFU | peak memory | vs previous | vs first |")
+    print("|---|---|---|---|---|---|---|")
+    previous = timed[0]
+    for r in rows:
+        if "skipped" in r:
+            print(f"| {r['name']} | skipped: {r['skipped']} | | | | | |")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        print(f"| {r['name']} | {r['ms']:.1f} | {r['tok_per_s']:,.0f} | {mfu} | {r['memory'] / 2**30:.2f} GiB | "
+              f"{r['tok_per_s'] / previous['tok_per_s']:.2f}x | {r['tok_per_s'] / timed[0]['tok_per_s']:.2f}x |")
+        previous = r
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 
@@ -1533,6 +1695,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("other commands (instead of training)")
     g.add_argument("--export_hf", default=None, metavar="DIR",
                    help="write the --resume checkpoint as a Hugging Face model directory (GPT-2 or Llama layout) and exit")
+    g.add_argument("--benchmark", nargs="?", const="step", choices=["step", "ladder"], default=None,
+                   help="time the training step of these flags (ms/step, tok/s, MFU, peak memory); 'ladder' times it "
+                        "with each optimisation added in turn, from fp32 eager with manual attention")
+    g.add_argument("--benchmark_steps", type=int, default=10, help="timed steps per benchmark row (the median is shown)")
+    g.add_argument("--benchmark_warmup", type=int, default=3, help="untimed steps before each benchmark row")
+    g.add_argument("--benchmark_data", choices=["synthetic", "real"], default="synthetic",
+                   help="benchmark on random tokens or on --data_dir's train shards")
     g.add_argument("--sample_only", action="store_true",
                    help="print a sample from --resume or --init_from with its tokens/s, and exit")
     g.add_argument("--int8", action="store_true",
@@ -1546,6 +1715,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.export_hf:
             export_command(args)
+        elif args.benchmark:
+            benchmark_command(args)
         elif args.sample_only:
             sample_command(args)
         else:

@@ -1,0 +1,101 @@
+"""The benchmark mode of train_gpt2.py: the manual-attention baseline computes what SDPA does, the memory probe sees
+an allocation, MFU shares one yardstick and never exceeds 100%, and the ladder's ratios follow from its own rows."""
+
+import re
+
+import pytest
+import torch
+
+import train_gpt2 as tg
+from test_options import cli
+
+
+def small_config(**overrides) -> tg.GPTConfig:
+    return tg.GPTConfig(**{**dict(block_size=32, n_layer=2, n_head=4, n_embd=64), **overrides})
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(pos="rope", n_kv_head=1, mlp="swiglu", norm="rmsnorm", bias=False),
+                                       dict(n_kv_head=2)], ids=["classic", "modern", "gqa"])
+def test_manual_attention_computes_what_sdpa_does(overrides):
+    torch.manual_seed(0)
+    model = tg.GPT(small_config(**overrides))
+    idx = torch.randint(0, 50257, (2, 24))
+    targets = torch.randint(0, 50257, (2, 24))
+    _, loss = model(idx, targets)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    for block in model.transformer.h:
+        block.attn.manual = True
+    _, manual_loss = model(idx, targets)
+    manual_loss.backward()
+    assert abs(manual_loss.item() - loss.item()) < 1e-5
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, grads[n], atol=1e-6), n
+    # with a KV cache too: one token at a time after a prefill, against the full forward
+    model.eval()
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = tg.KVCache(model.config, 2)
+        parts = [model(idx[:, :10], cache=cache)[0]] + [model(idx[:, t:t + 1], cache=cache)[0] for t in range(10, 24)]
+    assert (torch.cat(parts, dim=1) - full)[..., :50257].abs().max().item() < 1e-5
+
+
+def test_peak_rss_sees_an_allocation_made_inside_the_block():
+    with tg.PeakRSS() as idle:
+        torch.zeros(1).add_(1)
+    with tg.PeakRSS() as busy:
+        block = torch.ones(64 * 2**20 // 4 * 4)  # 256 MiB, every page touched
+        del block
+    assert busy.peak - idle.peak > 200 * 2**20
+
+
+def test_mfu_shares_one_peak_per_dtype_and_never_exceeds_one(monkeypatch):
+    monkeypatch.setattr(tg, "device_peak_flops", lambda device, dtype, override: 100.0 if override is None else override * 1e12)
+    rows = [{"dtype": torch.float32, "flops_per_s": f} for f in (50.0, 150.0, 75.0)]
+    tg.add_mfu(rows, torch.device("cpu"), None)
+    assert [r["mfu"] for r in rows] == [50.0 / 150.0, 1.0, 75.0 / 150.0]  # the probe is raised to the best row
+    given = [{"dtype": torch.float32, "flops_per_s": 3e12}]
+    tg.add_mfu(given, torch.device("cpu"), 6.0)
+    assert given[0]["mfu"] == 0.5  # a stated peak is taken as it is
+
+
+def test_unpadded_vocabulary_and_switches_reach_the_model(monkeypatch):
+    seen = {}
+    real_gpt = tg.GPT
+
+    def spy(config):
+        model = real_gpt(config)
+        seen["config"] = config
+        seen["model"] = model
+        return model
+
+    monkeypatch.setattr(tg, "GPT", spy)
+    result = tg.time_training_step(small_config(), torch.device("cpu"), batch_size=2, seq_len=16, steps=2, warmup=1,
+                                   sdpa=False, padded=False, fused=False)
+    assert seen["config"].padded_vocab_size == seen["config"].vocab_size == 50257
+    assert all(block.attn.manual for block in seen["model"].transformer.h)
+    assert result["tok_per_s"] == pytest.approx(2 * 16 / (result["ms"] / 1000))
+
+
+def test_ladder_rows_ratios_and_skips(tmp_path):
+    result = cli(["--model", "d2", "--seq_len", "32", "--batch_size", "2", "--device", "cpu", "--benchmark",
+                          "ladder", "--benchmark_steps", "2", "--benchmark_warmup", "1"])
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| step")]
+    assert [r.split(" | ")[0][2:] for r in rows] == [name for name, _ in tg.LADDER]
+    assert "skipped: TF32 is a CUDA tensor-core mode" in rows[1]
+    timed = [r for r in rows if "skipped" not in r]
+    parsed = []
+    for r in timed:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        parsed.append(dict(ms=float(cells[1]), tok=float(cells[2].replace(",", "")), mfu=float(cells[3].rstrip("%")),
+                           prev=float(cells[5].rstrip("x")), first=float(cells[6].rstrip("x"))))
+    assert parsed[0]["prev"] == parsed[0]["first"] == 1.0
+    for before, row in zip(parsed, parsed[1:]):
+        assert row["prev"] == pytest.approx(row["tok"] / before["tok"], rel=0.02, abs=0.011)
+        assert row["first"] == pytest.approx(row["tok"] / parsed[0]["tok"], rel=0.02, abs=0.011)
+    assert max(p["mfu"] for p in parsed) <= 100.0
+    assert all(p["tok"] == pytest.approx(2 * 32 / (p["ms"] / 1000), rel=0.01) for p in parsed)
+    assert re.search(r"\| \+ torch.compile \| [\d.]+ \|", out)
