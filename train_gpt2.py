@@ -11,6 +11,7 @@ One file, read top to bottom:
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import glob
 import json
@@ -21,6 +22,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -404,7 +406,6 @@ class GPT(nn.Module):
     def int8(self) -> "GPT":
         """A copy for CPU sampling with every Linear (lm_head included) as dynamic int8 (Int8Linear); embeddings and
         norms stay as they are."""
-        import copy
         model = copy.deepcopy(self).eval()
         for block in model.transformer.h:
             for parent in (block.attn, block.mlp):
@@ -555,7 +556,6 @@ def get_tokenizer():
     )
 
 
-
 def byte_to_char() -> dict[int, str]:
     """GPT-2's printable stand-in for each byte, the alphabet of Hugging Face's vocab.json and merges.txt: printable
     Latin-1 bytes stand for themselves, the other 68 for the characters from U+0100 on (space is 'Ġ')."""
@@ -564,6 +564,7 @@ def byte_to_char() -> dict[int, str]:
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
+@functools.lru_cache(maxsize=1)
 def gpt2_tokenizer_files() -> dict[str, str]:
     """vocab.json and merges.txt for Hugging Face tokenizers, recovered from the bundled ranks. Every token above the
     256 bytes was made by one merge: running BPE on its bytes with only the merges ranked before it leaves exactly
@@ -717,9 +718,12 @@ def decay_groups(params: list[nn.Parameter], weight_decay: float, lr_flag: str) 
 
 
 def adamw(params: list[nn.Parameter], lr: float, weight_decay: float, device_type: str,
-          betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW over decay_groups, fused where this torch supports the device, and it says so where not."""
+          betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW over decay_groups, fused where this torch supports the device, and it says so where not; fused=False
+    gives the plain for-loop implementation (the benchmark's baseline)."""
     groups = decay_groups(params, weight_decay, "lr")
+    if not fused:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False)
     try:
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
     except (RuntimeError, TypeError) as e:
@@ -767,7 +771,7 @@ def lr_at(step: int, max_lr: float, warmup_steps: int, max_steps: int, min_lr_ra
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# evaluation: validation loss, samples, model FLOPs utilisation
+# evaluation: validation loss, samples, model FLOPs utilisation, timing of training steps
 
 # Dense bf16 tensor-core peaks in TFLOP/s by device-name fragment; fp32 runs use TF32, half of these.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A6000": 155.0, "L4": 121.0,
@@ -853,6 +857,93 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype, override_tflops:
     return None
 
 
+class PeakRSS:
+    """The highest resident set size seen while inside the block, sampled every 2 ms from /proc (a CPU has no
+    allocator statistics, and the process-wide maximum would carry over from earlier runs in the same process)."""
+
+    def __enter__(self) -> "PeakRSS":
+        self.peak, self._stop = self._rss(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:  # not Linux: the process-wide maximum is the best there is
+            import resource
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def time_training_step(config: GPTConfig, device: torch.device, batch_size: int, seq_len: int, steps: int,
+                       warmup: int, data_dir: str | None = None, tf32: bool = False, bf16: bool = False,
+                       sdpa: bool = True, padded: bool = True, fused: bool = True, compile: bool = False) -> dict:
+    """Median time of a full training step (forward, backward, clip, AdamW) after `warmup` untimed steps, on
+    synthetic tokens (or data_dir's train shards), with each optimisation switchable; the model FLOP/s it achieves
+    and the peak memory."""
+    if not padded:
+        config = GPTConfig(**{**asdict(config), "padded_vocab_size": config.vocab_size})
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    for block in model.transformer.h:
+        block.attn.manual = not sdpa
+    optimizer = adamw(list(model.parameters()), 1e-4, 0.1, device.type, fused=fused)
+    forward = torch.compile(model) if compile else model
+    amp_ctx = torch.autocast(device.type, dtype=dtype) if bf16 else nullcontext()
+    loader = ShardLoader(data_dir, "train", batch_size, seq_len) if data_dir else None
+    generator = torch.Generator().manual_seed(0)
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with PeakRSS() as rss:
+        for i in range(warmup + steps):
+            if loader is not None:
+                x, y = loader.next_batch()
+            else:
+                tokens = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), generator=generator)
+                x, y = tokens[:, :-1], tokens[:, 1:]
+            x, y = x.to(device), y.to(device)
+            t0 = time.perf_counter()
+            with amp_ctx:
+                _, loss = forward(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            synchronize(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    dt = sorted(times)[len(times) // 2]
+    memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak
+    return {"ms": 1000 * dt, "tok_per_s": batch_size * seq_len / dt, "memory": memory, "dtype": dtype,
+            "flops_per_s": flops_per_token(config, seq_len, model.num_params()) * batch_size * seq_len / dt}
+
+
+def add_mfu(rows: list[dict], device: torch.device, peak_tflops: float | None) -> None:
+    """MFU of each timed row against the peak of its dtype, probed once per dtype on CPU and raised to any row that
+    beats it (a probe on a busy machine can come out low), so every row shares one yardstick and none exceeds 100%."""
+    for dtype in {r["dtype"] for r in rows}:
+        same = [r for r in rows if r["dtype"] == dtype]
+        peak = device_peak_flops(device, dtype, peak_tflops)
+        if peak and device.type == "cpu" and not peak_tflops:
+            peak = max([peak] + [r["flops_per_s"] for r in same])
+        for r in same:
+            r["mfu"] = r["flops_per_s"] / peak if peak else None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # checkpoints: plain containers only (torch.load(weights_only=True) reads them), written atomically
 
@@ -900,12 +991,16 @@ def load_checkpoint(path: str) -> dict:
         raise UserError(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
-def load_checkpoint_model(path: str, device: str = "cpu") -> GPT:
-    """The model of a training checkpoint, with the config it was trained with, in eval mode."""
-    ckpt = load_checkpoint(path)
+def model_from_checkpoint(ckpt: dict) -> GPT:
+    """The model of loaded checkpoint contents, with the config it was trained with, in eval mode."""
     model = GPT(GPTConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval()
+    return model.eval()
+
+
+def load_checkpoint_model(path: str, device: str = "cpu") -> GPT:
+    """The model of a training checkpoint file, in eval mode."""
+    return model_from_checkpoint(load_checkpoint(path)).to(device)
 
 
 def write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -1391,15 +1486,17 @@ def train(args: argparse.Namespace) -> None:
         dist.destroy_process_group()
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# CLI: the commands besides training (export, sampling, benchmark), then the flags
+
+
 def load_for_inference(args: argparse.Namespace) -> tuple[GPT, str]:
     """The model of --resume (a path, or auto: the newest readable one in --out_dir) or of --init_from."""
     if args.resume is not None:
         path, ckpt = find_resume_checkpoint(args)
         if ckpt is None:
             raise UserError(f"no checkpoint in '{args.out_dir}'; pass --resume PATH or the --out_dir of a run")
-        model = GPT(GPTConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
-        return model.eval(), path
+        return model_from_checkpoint(ckpt), path
     if args.init_from:
         return GPT.from_pretrained(args.init_from).eval(), args.init_from
     raise UserError("which model? pass --resume CKPT (or --resume auto with --out_dir) or --init_from NAME_OR_DIR")
@@ -1429,7 +1526,7 @@ def sample_command(args: argparse.Namespace) -> None:
     variants = [("full", model.to(device))] + ([("int8", model.int8())] if args.int8 else [])
     amp_ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     prompt = torch.tensor([get_tokenizer().encode_ordinary(args.prompt)], dtype=torch.long, device=device)
-    speeds = {}
+    speeds, losses = {}, {}
     for name, m in variants:
         generator = torch.Generator(device=device).manual_seed(args.seed)
         with amp_ctx:
@@ -1443,39 +1540,10 @@ def sample_command(args: argparse.Namespace) -> None:
             seq_len = min(args.seq_len, model.config.block_size)
             loss, n = evaluate_loss(m, val_stream, args.batch_size, seq_len, args.val_tokens, device, amp_ctx)
             print(f"{name}: val loss {loss:.4f} over {n:,} tokens")
-            speeds[name + "_loss"] = loss
+            losses[name] = loss
     if args.int8:
-        change = (f", val loss {speeds['int8_loss'] - speeds['full_loss']:+.4f}" if val_stream is not None else "")
+        change = f", val loss {losses['int8'] - losses['full']:+.4f}" if losses else ""
         print(f"int8 vs full: {speeds['int8'] / speeds['full']:.2f}x tokens/s{change}")
-
-
-class PeakRSS:
-    """The highest resident set size seen while inside the block, sampled every 2 ms from /proc (a CPU has no
-    allocator statistics, and the process-wide maximum would carry over from earlier runs in the same process)."""
-
-    def __enter__(self) -> "PeakRSS":
-        import threading
-        self.peak, self._stop = self._rss(), threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, self._rss())
-
-    @staticmethod
-    def _rss() -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:  # not Linux: the process-wide maximum is the best there is
-            import resource
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 # One row per optimisation, each keeping those above it; the first row is a straightforward implementation
@@ -1496,66 +1564,6 @@ def ladder_skip_reason(settings: dict, device: torch.device) -> str | None:
     if settings.get("bf16") and not native_bf16(device):
         return f"this {device.type} has no native bf16 (emulated, far slower than fp32): the rows below stay fp32"
     return None
-
-
-def time_training_step(config: GPTConfig, device: torch.device, batch_size: int, seq_len: int, steps: int,
-                       warmup: int, data_dir: str | None = None, tf32: bool = False, bf16: bool = False,
-                       sdpa: bool = True, padded: bool = True, fused: bool = True, compile: bool = False) -> dict:
-    """Median time of a full training step (forward, backward, clip, AdamW) after `warmup` untimed steps, on
-    synthetic tokens (or data_dir's train shards), with each optimisation switchable; the model FLOP/s it achieves
-    and the peak memory."""
-    if not padded:
-        config = GPTConfig(**{**asdict(config), "padded_vocab_size": config.vocab_size})
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    torch.manual_seed(0)
-    model = GPT(config).to(device)
-    for block in model.transformer.h:
-        block.attn.manual = not sdpa
-    groups = decay_groups(list(model.parameters()), 0.1, "lr")
-    optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), **({"fused": True} if fused else {"foreach": False}))
-    forward = torch.compile(model) if compile else model
-    amp_ctx = torch.autocast(device.type, dtype=dtype) if bf16 else nullcontext()
-    loader = ShardLoader(data_dir, "train", batch_size, seq_len) if data_dir else None
-    generator = torch.Generator().manual_seed(0)
-    times = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with PeakRSS() as rss:
-        for i in range(warmup + steps):
-            if loader is not None:
-                x, y = loader.next_batch()
-            else:
-                tokens = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), generator=generator)
-                x, y = tokens[:, :-1], tokens[:, 1:]
-            x, y = x.to(device), y.to(device)
-            t0 = time.perf_counter()
-            with amp_ctx:
-                _, loss = forward(x, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            synchronize(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    dt = sorted(times)[len(times) // 2]
-    memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak
-    return {"ms": 1000 * dt, "tok_per_s": batch_size * seq_len / dt, "memory": memory, "dtype": dtype,
-            "flops_per_s": flops_per_token(config, seq_len, model.num_params()) * batch_size * seq_len / dt}
-
-
-def add_mfu(rows: list[dict], device: torch.device, peak_tflops: float | None) -> None:
-    """MFU of each timed row against the peak of its dtype, probed once per dtype on CPU and raised to any row that
-    beats it (a probe on a busy machine can come out low), so every row shares one yardstick and none exceeds 100%."""
-    for dtype in {r["dtype"] for r in rows}:
-        same = [r for r in rows if r["dtype"] == dtype]
-        peak = device_peak_flops(device, dtype, peak_tflops)
-        if peak and device.type == "cpu" and not peak_tflops:
-            peak = max([peak] + [r["flops_per_s"] for r in same])
-        for r in same:
-            r["mfu"] = r["flops_per_s"] / peak if peak else None
 
 
 def benchmark_command(args: argparse.Namespace) -> None:
@@ -1601,10 +1609,6 @@ def benchmark_command(args: argparse.Namespace) -> None:
         print(f"| {r['name']} | {r['ms']:.1f} | {r['tok_per_s']:,.0f} | {mfu} | {r['memory'] / 2**30:.2f} GiB | "
               f"{r['tok_per_s'] / previous['tok_per_s']:.2f}x | {r['tok_per_s'] / timed[0]['tok_per_s']:.2f}x |")
         previous = r
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# CLI
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
