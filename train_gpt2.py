@@ -33,6 +33,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BPE_RANKS_PATH = os.path.join(HERE, "data", "gpt2.tiktoken")
@@ -301,11 +304,53 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], -1).to(x.dtype)
 
 
+LOSS_CHUNK_ROWS = 1024  # positions per chunk: 200 MB of fp32 logits at GPT-2's vocabulary, large enough for fast matmuls
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the head's logits x @ weight.T + bias against targets (-1 = ignored), `rows` positions
+    at a time, so the (positions x vocabulary) fp32 logits never exist whole: only one chunk's, and only until its
+    gradients are taken. Those come in the same pass, while the chunk's softmax is at hand (d logits = softmax -
+    onehot); backward just scales them. Under autocast the matmuls run in the autocast dtype, the softmax in fp32."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor, rows: int,
+                with_grad: bool) -> torch.Tensor:
+        n_valid = (targets != -1).sum()
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x = torch.empty_like(x) if with_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if with_grad else None
+        for start in range(0, x.size(0), rows):
+            xc, tc = x[start:start + rows], targets[start:start + rows]
+            logits = F.linear(xc, weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            valid = tc != -1
+            target = tc.clamp(min=0).unsqueeze(1)
+            loss += torch.where(valid, lse - logits.gather(1, target).squeeze(1), 0.0).sum()
+            if with_grad:
+                grad = logits.sub_(lse.unsqueeze(1)).exp_()  # the softmax, in place of the logits
+                grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad.dtype))
+                grad.mul_((valid / n_valid).unsqueeze(1))
+                grad = grad.to(torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type)
+                               else x.dtype)
+                grad_x[start:start + rows] = grad @ weight.to(grad.dtype)
+                grad_w += grad.t() @ xc.to(grad.dtype)
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss, (grad_w * grad_loss).to(ctx.weight_dtype), None, None, None, None
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
         self.activation_checkpointing = False  # recompute each block in backward: less memory, ~1/3 more compute
+        self.chunked_loss = False  # with targets: ChunkedCrossEntropy, and no logits returned
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
             drop=make_dropout(config.dropout),
@@ -349,7 +394,8 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, padded_vocab_size) for every position; with targets, the mean cross-entropy over the
-        targets that are not -1 (ignored positions). With a cache, idx continues the tokens already in it."""
+        targets that are not -1 (ignored positions), and with targets and self.chunked_loss only that loss (the
+        logits are None: never materialised). With a cache, idx continues the tokens already in it."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -370,6 +416,11 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)
+        if targets is not None and self.chunked_loss and not isinstance(self.lm_head, Int8Linear):
+            with_grad = torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad)
+            loss = ChunkedCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, self.vocab_mask,
+                                             targets.reshape(B * T), LOSS_CHUNK_ROWS, with_grad)
+            return None, loss
         if isinstance(self.lm_head, Int8Linear):
             logits = self.lm_head(x)  # the vocabulary mask is its bias
         else:
@@ -887,7 +938,8 @@ class PeakRSS:
 
 def time_training_step(config: GPTConfig, device: torch.device, batch_size: int, seq_len: int, steps: int,
                        warmup: int, data_dir: str | None = None, tf32: bool = False, bf16: bool = False,
-                       sdpa: bool = True, padded: bool = True, fused: bool = True, compile: bool = False) -> dict:
+                       sdpa: bool = True, padded: bool = True, fused: bool = True, compile: bool = False,
+                       chunked: bool = False) -> dict:
     """Median time of a full training step (forward, backward, clip, AdamW) after `warmup` untimed steps, on
     synthetic tokens (or data_dir's train shards), with each optimisation switchable; the model FLOP/s it achieves
     and the peak memory."""
@@ -900,6 +952,7 @@ def time_training_step(config: GPTConfig, device: torch.device, batch_size: int,
     model = GPT(config).to(device)
     for block in model.transformer.h:
         block.attn.manual = not sdpa
+    model.chunked_loss = chunked
     optimizer = adamw(list(model.parameters()), 1e-4, 0.1, device.type, fused=fused)
     forward = torch.compile(model) if compile else model
     amp_ctx = torch.autocast(device.type, dtype=dtype) if bf16 else nullcontext()
@@ -930,6 +983,20 @@ def time_training_step(config: GPTConfig, device: torch.device, batch_size: int,
     memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak
     return {"ms": 1000 * dt, "tok_per_s": batch_size * seq_len / dt, "memory": memory, "dtype": dtype,
             "flops_per_s": flops_per_token(config, seq_len, model.num_params()) * batch_size * seq_len / dt}
+
+
+def time_loader(data_dir: str, batch_size: int, seq_len: int, device: torch.device, batches: int = 200) -> float:
+    """Tokens/s the training loader delivers to the device on its own (memory-mapped shards, one copy to the
+    device), to set beside a step's tokens/s: the loop reads a batch between steps, so the loader costs the step
+    time times step_tok_s / loader_tok_s."""
+    loader = ShardLoader(data_dir, "train", batch_size, seq_len)
+    loader.next_batch()  # first touch of the memory map
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        x, y = loader.next_batch()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    synchronize(device)
+    return batches * batch_size * seq_len / (time.perf_counter() - t0)
 
 
 def add_mfu(rows: list[dict], device: torch.device, peak_tflops: float | None) -> None:
@@ -1001,6 +1068,38 @@ def model_from_checkpoint(ckpt: dict) -> GPT:
 def load_checkpoint_model(path: str, device: str = "cpu") -> GPT:
     """The model of a training checkpoint file, in eval mode."""
     return model_from_checkpoint(load_checkpoint(path)).to(device)
+
+
+def gather_sharded(state, keep: bool, _seen: dict | None = None):
+    """A (nested) state dict with every FSDP-sharded tensor gathered whole onto the CPU, so a checkpoint has one
+    layout whether it was trained with FSDP, DDP or on one device. Every rank must call it (each gather is a
+    collective); only a rank with keep=True holds the result, the others get None in those places. A tensor that
+    appears twice (the tied embedding, in a state_dict(keep_vars=True)) is gathered once."""
+    seen = {} if _seen is None else _seen
+    if isinstance(state, DTensor):
+        if id(state) not in seen:
+            with torch.no_grad():
+                full = state.full_tensor()
+            seen[id(state)] = full.detach().cpu() if keep else None
+        return seen[id(state)]
+    if isinstance(state, dict):
+        return {k: gather_sharded(v, keep, seen) for k, v in state.items()}
+    if isinstance(state, list):
+        return [gather_sharded(v, keep, seen) for v in state]
+    return state
+
+
+def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A saved (whole-tensor) optimizer state dict cut into the shards of this rank's FSDP parameters, so any
+    checkpoint resumes under --fsdp. Every rank holds the whole checkpoint, so each cuts its own piece; no traffic."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sharded = {}
+    for i, per_param in state["state"].items():
+        p = params[i]
+        sharded[i] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                      if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.shape else v
+                      for k, v in per_param.items()}
+    return {**state, "state": sharded}
 
 
 def write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -1158,6 +1257,11 @@ def check_args(args: argparse.Namespace, config: GPTConfig, world_size: int) -> 
         raise UserError(f"--hellaswag_limit must be positive (or left out for all examples), got {args.hellaswag_limit}")
     if args.int8 and not args.sample_only:
         raise UserError("--int8 applies to --sample_only; training runs at full precision")
+    if args.fsdp and world_size < 2:
+        raise UserError("--fsdp shards the model over ranks: launch with torchrun --nproc_per_node N (N >= 2)")
+    if args.fsdp and args.optimizer == "muon":
+        raise UserError("--optimizer muon orthogonalises whole matrices, which --fsdp splits across ranks; "
+                        "use --optimizer adamw or sgd with --fsdp")
     tokens_per_micro_step = args.batch_size * args.seq_len * world_size
     if args.total_batch_size % tokens_per_micro_step:
         raise UserError(f"--total_batch_size {args.total_batch_size} is not divisible by batch_size*seq_len*world_size "
@@ -1268,6 +1372,18 @@ def model_from_args(args: argparse.Namespace) -> tuple[GPTConfig, GPT | None]:
     return model_config(args.model, dropout=args.dropout, **arch), None
 
 
+def shard_model(model: GPT, device: torch.device, world_size: int) -> None:
+    """FSDP2, in place: every Block, then the rest (embeddings, final norm, head) as the root. A block's parameters
+    are gathered just before it runs and freed after it, so a rank holds 1/world_size of the parameters, gradients
+    and optimizer state, plus about one whole block at a time."""
+    # the logits are returned as a view; FSDP warns in case a caller edits them in place, which nothing here does
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
+    mesh = init_device_mesh(device.type, (world_size,))
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
 def train(args: argparse.Namespace) -> None:
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -1312,14 +1428,18 @@ def train(args: argparse.Namespace) -> None:
     model = (pretrained if pretrained is not None and ckpt is None else GPT(config)).to(device)
     del pretrained
     model.activation_checkpointing = args.activation_checkpointing
+    model.chunked_loss = args.chunked_loss
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])  # whole, before sharding: every checkpoint has the same layout
+    if args.fsdp:
+        shard_model(model, device, world_size)
     optimizers = configure_optimizers(model, args.optimizer, args, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
         saved = ckpt["optimizer"]
         for optimizer, state in zip(optimizers, saved if isinstance(saved, list) else [saved]):
-            optimizer.load_state_dict(state)
+            optimizer.load_state_dict(shard_optimizer_state(state, optimizer) if args.fsdp else state)
         scaler.load_state_dict(ckpt["scaler"])
         train_loader.load_state_dict(ckpt["loader"])
         step = ckpt["step"]
@@ -1333,7 +1453,7 @@ def train(args: argparse.Namespace) -> None:
         torch.manual_seed(args.seed + rank)
     fast_model = torch.compile(model) if use_compile else model  # evaluation shares the compiled graph
     train_model = fast_model
-    if distributed:
+    if distributed and not args.fsdp:
         train_model = nn.parallel.DistributedDataParallel(
             fast_model, device_ids=[local_rank] if device.type == "cuda" else None)
 
@@ -1349,7 +1469,8 @@ def train(args: argparse.Namespace) -> None:
         os.makedirs(args.out_dir, exist_ok=True)
         rewrite_log(log_path, step if ckpt is not None else None)
         print0(f"model {args.init_from or args.model}: {n_params:,} parameters | device {device} | "
-               f"dtype {str(dtype)[6:]} | compile {use_compile} | world size {world_size}")
+               f"dtype {str(dtype)[6:]} | compile {use_compile} | world size {world_size}"
+               + (" (FSDP)" if args.fsdp else ""))
         optimizer_names = " + ".join(type(o).__name__ + (" (fused)" if o.defaults.get("fused") else "")
                                      for o in optimizers)
         print0(f"batch {tokens_per_step:,} tokens = {args.batch_size} x {args.seq_len} x {world_size} ranks x "
@@ -1387,8 +1508,15 @@ def train(args: argparse.Namespace) -> None:
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs = [rng_state()]
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
+        finite = torch.tensor(float(all(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all()
+                                        for p in model.parameters())), device=device)
+        if args.fsdp:  # each rank sees only its own shards
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
             raise UserError(f"refusing to save step {step}: the weights are not finite; resume from an earlier checkpoint")
+        model_state, optimizer_states = model.state_dict(keep_vars=args.fsdp), [o.state_dict() for o in optimizers]
+        if args.fsdp:
+            model_state, optimizer_states = gather_sharded([model_state, optimizer_states], keep=master)
         if master:
             path = checkpoint_path(args.out_dir, step)
             # read back before the rename (memory-mapped, so cheap): an unreadable file never replaces a good one
@@ -1396,7 +1524,7 @@ def train(args: argparse.Namespace) -> None:
             try:
                 with atomic_write(path, verify=verify) as f:
                     torch.save({
-                        "model": model.state_dict(), "optimizer": [o.state_dict() for o in optimizers],
+                        "model": model_state, "optimizer": optimizer_states,
                         "scaler": scaler.state_dict(), "step": step, "loader": train_loader.state_dict(),
                         "rng": rngs, "config": asdict(config), "args": vars(args),
                     }, f)
@@ -1430,8 +1558,9 @@ def train(args: argparse.Namespace) -> None:
             for micro_step in range(grad_accum):
                 x, y = train_loader.next_batch()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                # gradients are all-reduced once, on the last micro-step, not after every backward
-                sync = not distributed or micro_step == grad_accum - 1
+                # DDP all-reduces gradients once, on the last micro-step. FSDP reduce-scatters after every backward:
+                # deferring would hold whole unsharded gradients, the memory it is there to save.
+                sync = not distributed or args.fsdp or micro_step == grad_accum - 1
                 with nullcontext() if sync else train_model.no_sync():
                     with amp_ctx:
                         _, loss = train_model(x, y)
@@ -1444,6 +1573,8 @@ def train(args: argparse.Namespace) -> None:
             for optimizer in optimizers:
                 scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+            if isinstance(grad_norm, DTensor):  # FSDP: the norm over every rank's shards
+                grad_norm = grad_norm.full_tensor()
             # every rank sees the same all-reduced loss and gradients, so every rank makes the same decision here;
             # with fp16, overflowing gradients are the GradScaler's business (it skips the step and lowers the scale)
             train_loss, grad_norm = loss_sum.item(), grad_norm.item()
@@ -1555,6 +1686,7 @@ LADDER = [
     ("+ vocab padded to 50304", {"padded": True}),
     ("+ fused AdamW", {"fused": True}),
     ("+ torch.compile", {"compile": True}),
+    ("+ chunked linear + cross-entropy", {"chunked": True}),
 ]
 
 
@@ -1582,10 +1714,11 @@ def benchmark_command(args: argparse.Namespace) -> None:
         dtype = resolve_dtype(args.dtype, device)
         use_compile = device.type == "cuda" if args.compile is None else args.compile
         r = time_training_step(config, device, tf32=device.type == "cuda", bf16=dtype == torch.bfloat16,
-                               compile=use_compile, **common)
+                               compile=use_compile, chunked=args.chunked_loss, **common)
         add_mfu([r], device, args.peak_tflops)
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         print(f"{r['ms']:.1f} ms/step | {r['tok_per_s']:,.0f} tok/s | MFU {mfu} | peak memory {r['memory'] / 2**30:.2f} GiB")
+        print_loader_speed(args, device, r["tok_per_s"])
         return
     settings, rows = {"sdpa": False, "padded": False, "fused": False}, []
     for name, change in LADDER:
@@ -1609,6 +1742,18 @@ def benchmark_command(args: argparse.Namespace) -> None:
         print(f"| {r['name']} | {r['ms']:.1f} | {r['tok_per_s']:,.0f} | {mfu} | {r['memory'] / 2**30:.2f} GiB | "
               f"{r['tok_per_s'] / previous['tok_per_s']:.2f}x | {r['tok_per_s'] / timed[0]['tok_per_s']:.2f}x |")
         previous = r
+    print_loader_speed(args, device, max(r["tok_per_s"] for r in timed))
+
+
+def print_loader_speed(args: argparse.Namespace, device: torch.device, step_tok_per_s: float) -> None:
+    try:
+        loader_tok_per_s = time_loader(args.data_dir, args.batch_size, args.seq_len, device)
+    except UserError as e:
+        print(f"loader: not timed ({e})")
+        return
+    print(f"loader: {loader_tok_per_s:,.0f} tok/s from {args.data_dir} vs {step_tok_per_s:,.0f} tok/s for the fastest "
+          f"step above ({loader_tok_per_s / step_tok_per_s:,.0f}x): reading batches takes "
+          f"{100 * step_tok_per_s / loader_tok_per_s:.2f}% of a step")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1666,6 +1811,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto picks cuda, then mps, then cpu")
     g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="autocast precision; auto = bf16 where supported, else fp16 with a GradScaler on CUDA")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun, shard parameters, gradients and optimizer state over the ranks (FSDP2) "
+                        "instead of replicating them (DDP): for models whose AdamW state does not fit one device")
+    g.add_argument("--chunked_loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="compute the head and cross-entropy 1024 positions at a time, never holding all the fp32 "
+                        "logits (same loss and gradients, far less memory at large batch x vocabulary)")
     g.add_argument("--activation_checkpointing", action="store_true",
                    help="recompute each block's activations in backward: less memory for ~1/3 more compute")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

@@ -99,3 +99,94 @@ def test_ladder_rows_ratios_and_skips(tmp_path):
     assert max(p["mfu"] for p in parsed) <= 100.0
     assert all(p["tok"] == pytest.approx(2 * 32 / (p["ms"] / 1000), rel=0.01) for p in parsed)
     assert re.search(r"\| \+ torch.compile \| [\d.]+ \|", out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the chunked head + cross-entropy
+
+
+def loss_and_grads(model, idx, targets, chunked, autocast_dtype=None):
+    model.zero_grad(set_to_none=True)
+    model.chunked_loss = chunked
+    ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else torch.autocast("cpu", enabled=False)
+    with ctx:
+        logits, loss = model(idx, targets)
+    loss.backward()
+    return logits, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(pos="rope", n_kv_head=1, mlp="swiglu", norm="rmsnorm", bias=False,
+                                                tie_embeddings=False)], ids=["classic-tied", "modern-untied"])
+def test_chunked_loss_gives_the_plain_loss_and_gradients(monkeypatch, overrides):
+    monkeypatch.setattr(tg, "LOSS_CHUNK_ROWS", 7)  # 48 positions: 6 full chunks and a ragged one
+    torch.manual_seed(0)
+    model = tg.GPT(small_config(**overrides))
+    idx = torch.randint(0, 50257, (2, 24))
+    targets = torch.randint(0, 50257, (2, 24))
+    targets[0, 5:9] = -1  # ignored positions carry neither loss nor gradient
+    logits, loss, grads = loss_and_grads(model, idx, targets, chunked=False)
+    none, chunked_loss, chunked_grads = loss_and_grads(model, idx, targets, chunked=True)
+    assert logits is not None and none is None
+    assert chunked_loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    for n in grads:  # fp32 sums in another order: within 1e-5 of each gradient's largest entry
+        assert (chunked_grads[n] - grads[n]).abs().max().item() <= 1e-5 * grads[n].abs().max().item(), n
+    # a hand-rolled reference for the loss: log-sum-exp over the real vocabulary minus the target's logit
+    z = logits.double().view(48, -1)[:, :50257]
+    t = targets.view(48)
+    keep = t != -1
+    reference = (torch.logsumexp(z[keep], dim=-1) - z[keep, t[keep]]).mean()
+    assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
+    # bf16 autocast: matmuls in bf16, softmax in fp32, on both paths
+    _, loss16, grads16 = loss_and_grads(model, idx, targets, chunked=False, autocast_dtype=torch.bfloat16)
+    _, chunked16, chunked_grads16 = loss_and_grads(model, idx, targets, chunked=True, autocast_dtype=torch.bfloat16)
+    assert chunked16.item() == pytest.approx(loss16.item(), rel=1e-3)
+    for n in grads16:
+        scale = grads16[n].abs().max().item()
+        assert (chunked_grads16[n] - grads16[n]).abs().max().item() <= 2e-2 * scale + 1e-8, n
+    # without gradients (evaluation) the same loss, and nothing is computed for a backward
+    model.eval()
+    with torch.no_grad():
+        model.chunked_loss = True
+        _, eval_loss = model(idx, targets)
+    assert eval_loss.item() == pytest.approx(loss.item(), rel=1e-6) and eval_loss.grad_fn is None
+
+
+def test_chunked_loss_lowers_peak_memory():
+    """2,048 positions x 50,304 logits: the plain path holds several fp32 copies of that 412 MB tensor at once
+    (logits, log-probabilities, their gradient); the chunked one never more than a 1,024-position chunk's."""
+    torch.manual_seed(0)
+    model = tg.GPT(small_config(block_size=256))
+    idx = torch.randint(0, 50257, (8, 256))
+    peaks = {}
+    for chunked in (True, False):
+        model.chunked_loss = chunked
+        model.zero_grad(set_to_none=True)
+        with tg.PeakRSS() as rss:
+            _, loss = model(idx, idx)
+            loss.backward()
+        del loss
+        peaks[chunked] = rss.peak - rss._rss()  # above the level the process returns to afterwards
+    logits_bytes = 8 * 256 * 50304 * 4
+    assert peaks[False] - peaks[True] > logits_bytes, {k: v / 2**20 for k, v in peaks.items()}
+
+
+def test_loader_speed_is_set_beside_the_step(tmp_path):
+    from test_train import make_shards
+    data = str(tmp_path / "shards")
+    make_shards(data)
+    result = cli(["--model", "d2", "--seq_len", "32", "--batch_size", "2", "--device", "cpu", "--benchmark",
+                  "--benchmark_steps", "2", "--benchmark_warmup", "1", "--data_dir", data])
+    assert result.returncode == 0, result.stderr
+    step = re.search(r"([\d,]+) tok/s \| MFU", result.stdout)
+    loader = re.search(r"loader: ([\d,]+) tok/s from (\S+) vs ([\d,]+) tok/s for the fastest step above "
+                       r"\(([\d,]+)x\): reading batches takes ([\d.]+)% of a step", result.stdout)
+    assert step and loader, result.stdout
+    num = lambda text: float(text.replace(",", ""))  # noqa: E731
+    assert loader.group(2) == data and num(loader.group(3)) == num(step.group(1))
+    ratio = num(loader.group(1)) / num(loader.group(3))
+    assert num(loader.group(4)) == pytest.approx(ratio, rel=0.01, abs=1)
+    assert float(loader.group(5)) == pytest.approx(100 / ratio, rel=0.01, abs=0.01)
+    # without shards the step is still timed, and the loader line says why it was not
+    result = cli(["--model", "d2", "--seq_len", "32", "--batch_size", "2", "--device", "cpu", "--benchmark",
+                  "--benchmark_steps", "1", "--benchmark_warmup", "0", "--data_dir", str(tmp_path / "none")])
+    assert result.returncode == 0 and "loader: not timed (data directory" in result.stdout
