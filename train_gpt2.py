@@ -320,8 +320,12 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         grad_x = torch.empty_like(x) if with_grad else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if with_grad else None
+        ctx.weight_dtype = weight.dtype
+        # the head in the matmul dtype once, not once per chunk
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        weight, bias = weight.to(dtype), bias.to(dtype)
         for start in range(0, x.size(0), rows):
-            xc, tc = x[start:start + rows], targets[start:start + rows]
+            xc, tc = x[start:start + rows].to(dtype), targets[start:start + rows]
             logits = F.linear(xc, weight, bias).float()
             lse = torch.logsumexp(logits, dim=-1)
             valid = tc != -1
@@ -331,12 +335,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 grad = logits.sub_(lse.unsqueeze(1)).exp_()  # the softmax, in place of the logits
                 grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad.dtype))
                 grad.mul_((valid / n_valid).unsqueeze(1))
-                grad = grad.to(torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type)
-                               else x.dtype)
-                grad_x[start:start + rows] = grad @ weight.to(grad.dtype)
-                grad_w += grad.t() @ xc.to(grad.dtype)
+                grad = grad.to(dtype)
+                grad_x[start:start + rows] = grad @ weight
+                grad_w += grad.t() @ xc
         ctx.save_for_backward(grad_x, grad_w)
-        ctx.weight_dtype = weight.dtype
         return loss / n_valid
 
     @staticmethod
@@ -1233,6 +1235,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
+def resolve_compile(flag: bool | None, device: torch.device) -> bool:
+    """--compile / --no-compile as given; unset, on for CUDA only (on a CPU the compile time rarely pays back in a
+    short run)."""
+    return device.type == "cuda" if flag is None else flag
+
+
 def check_args(args: argparse.Namespace, config: GPTConfig, world_size: int) -> int:
     """Refuse impossible flag combinations before anything is read or written; returns grad-accumulation steps."""
     if args.seq_len > config.block_size:
@@ -1407,7 +1415,7 @@ def train(args: argparse.Namespace) -> None:
     resume_path, ckpt = find_resume_checkpoint(args)
     if ckpt is not None:
         check_compatible(ckpt, config, args.optimizer, resume_path)
-    use_compile = device.type == "cuda" if args.compile is None else args.compile
+    use_compile = resolve_compile(args.compile, device)
 
     if distributed:
         # torchrun's agent keeps its key-value store across restarts (--max_restarts): without a prefix per attempt,
@@ -1712,7 +1720,7 @@ def benchmark_command(args: argparse.Namespace) -> None:
           f"{'train shards' if data_dir else 'synthetic tokens'}", flush=True)
     if args.benchmark == "step":
         dtype = resolve_dtype(args.dtype, device)
-        use_compile = device.type == "cuda" if args.compile is None else args.compile
+        use_compile = resolve_compile(args.compile, device)
         r = time_training_step(config, device, tf32=device.type == "cuda", bf16=dtype == torch.bfloat16,
                                compile=use_compile, chunked=args.chunked_loss, **common)
         add_mfu([r], device, args.peak_tflops)
