@@ -83,11 +83,17 @@ class GPTConfig:
     norm: str = "layernorm"  # or "rmsnorm"
     pos: str = "learned"  # or "rope": rotary position embedding on queries and keys
     rope_theta: float = 10000.0
-    mlp: str = "gelu"  # or "swiglu"
-    mlp_hidden: int | None = None  # None = 4 * n_embd for gelu, 8/3 * n_embd rounded up to 64 for swiglu
+    mlp: str = "gelu"  # or "swiglu", or "relu2": relu(x)^2
+    mlp_hidden: int | None = None  # None = 4 * n_embd for gelu and relu2, 8/3 * n_embd rounded up to 64 for swiglu
     bias: bool = True  # biases in every Linear and LayerNorm
     dropout: float = 0.0
     tie_embeddings: bool = True  # lm_head shares the token embedding's matrix
+    # speedrun options (all off = GPT-2 as released)
+    qk_norm: bool = False  # RMSNorm (with a learned gain) on each head's queries and keys, before RoPE
+    embed_norm: bool = False  # normalise the token embedding before the first block
+    x0_lambdas: bool = False  # learned per-layer mix x = a_i * x + b_i * x0 of the residual and the embedding
+    zero_init: bool = False  # output projections (and an untied head) start at zero
+    logit_softcap: float = 0.0  # logits become C * tanh(logits / C); 0 = off
 
     def __post_init__(self):
         # resolved here, so a saved config states the sizes it was trained with
@@ -95,7 +101,7 @@ class GPTConfig:
             self.n_kv_head = self.n_head
         if self.mlp_hidden is None:
             # swiglu has three matrices, not two: 8/3 keeps its parameters and FLOPs equal to a 4x gelu MLP
-            self.mlp_hidden = 4 * self.n_embd if self.mlp == "gelu" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
+            self.mlp_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64) if self.mlp == "swiglu" else 4 * self.n_embd
 
     @property
     def head_dim(self) -> int:
@@ -112,6 +118,22 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
+# Named sets of flags. "flags" are set unless the command line gives them; "width_scaled" learning rates are quoted
+# for width 768 and scale by 1/sqrt(n_embd / 768), as AdamW's stable LR shrinks with width (nanochat's rule);
+# "fractions" are step counts as fractions of --max_steps, so the recipe fits any run length.
+RECIPES: dict[str, dict] = {
+    "speedrun": {
+        "flags": dict(norm="rmsnorm", pos="rope", mlp="relu2", bias=False, qk_norm=True, embed_norm=True,
+                      x0_lambdas=True, zero_init=True, untie=True,
+                      optimizer="normuon", muon_lr=0.03, muon_momentum=0.95, muon_weight_decay=0.0,
+                      embed_lr=0.3, head_lr=0.008, scalar_lr=0.04, adam_beta1=0.8, weight_decay=0.0,
+                      lr_schedule="wsd", cooldown_frac=0.5, min_lr_ratio=0.0, shuffle=True, bos_aligned=True),
+        "width_scaled": ("embed_lr", "head_lr"),
+        "fractions": dict(warmup_steps=0.02, muon_momentum_warmup=0.3),
+    },
+}
+
+
 def model_config(preset: str, **overrides) -> GPTConfig:
     """The GPTConfig of a preset, with every non-None override (any GPTConfig field) applied and checked."""
     if preset not in PRESETS:
@@ -119,6 +141,15 @@ def model_config(preset: str, **overrides) -> GPTConfig:
     config = GPTConfig(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
     check_config(config)
     return config
+
+
+def apply_recipe(args: argparse.Namespace) -> None:
+    """Fill in the flags of --recipe that the command line (args.explicit) leaves out."""
+    recipe = RECIPES[args.recipe]
+    width = args.n_embd or PRESETS.get(args.model, PRESETS["gpt2"])["n_embd"]
+    for flag, value in recipe["flags"].items():
+        if flag not in args.explicit:
+            setattr(args, flag, value * (width / 768) ** -0.5 if flag in recipe["width_scaled"] else value)
 
 
 def check_config(config: GPTConfig) -> None:
@@ -134,6 +165,8 @@ def check_config(config: GPTConfig) -> None:
         raise UserError(f"--mlp_hidden must be positive, got {config.mlp_hidden}")
     if not 0.0 <= config.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {config.dropout}")
+    if not 0.0 <= config.logit_softcap < math.inf:
+        raise UserError(f"--logit_softcap must be 0 (off) or a positive number, got {config.logit_softcap}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -203,6 +236,10 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim,
                                 bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        # QK-norm bounds every attention logit by |gain_q| * |gain_k| * sqrt(head_dim), so a high learning rate
+        # cannot blow up the softmax; the learned gains (the layout of Qwen3 / OLMo 2) set its temperature
+        self.q_norm = nn.RMSNorm(config.head_dim, eps=1e-5) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(config.head_dim, eps=1e-5) if config.qk_norm else None
         self.attn_dropout = config.dropout
         self.resid_dropout = make_dropout(config.dropout)
         self.manual = False  # explicit softmax(QK^T)V instead of SDPA's fused kernels: the benchmark's baseline
@@ -215,6 +252,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hd).transpose(1, 2)
         k = k.view(B, T, kv, hd).transpose(1, 2)
         v = v.view(B, T, kv, hd).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
@@ -238,16 +277,25 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
+class ReLU2(nn.Module):
+    """relu(x)^2 (So et al. 2021, Primer): sparse like ReLU, smooth at 0; trains faster than GELU per token in the
+    GPT-2 speedrun and nanochat, at the same parameters and FLOPs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # the approximation GPT-2 was trained with
+        # tanh-GELU is the approximation GPT-2 was trained with
+        self.act = ReLU2() if config.mlp == "relu2" else nn.GELU(approximate="tanh")
         self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
         self.dropout = make_dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class SwiGLU(nn.Module):
@@ -307,15 +355,23 @@ class Int8Linear(nn.Module):
 LOSS_CHUNK_ROWS = 1024  # positions per chunk: 200 MB of fp32 logits at GPT-2's vocabulary, large enough for fast matmuls
 
 
+def softcap(z: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(z / cap) in fp32: logits bounded by +-cap, so none can run away early in training (Gemma 2; the
+    GPT-2 speedrun and nanochat use 15-30). Identity for small z, so it changes little once the model is good."""
+    return cap * torch.tanh(z.float() / cap)
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of the head's logits x @ weight.T + bias against targets (-1 = ignored), `rows` positions
     at a time, so the (positions x vocabulary) fp32 logits never exist whole: only one chunk's, and only until its
     gradients are taken. Those come in the same pass, while the chunk's softmax is at hand (d logits = softmax -
-    onehot); backward just scales them. Under autocast the matmuls run in the autocast dtype, the softmax in fp32."""
+    onehot); backward just scales them. Under autocast the matmuls run in the autocast dtype, the softmax in fp32.
+    With cap > 0 the logits are softcap(x @ weight.T, cap) + bias (the bias is the padding mask, kept after the cap),
+    and the gradient picks up the cap's derivative 1 - tanh^2."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor, rows: int,
-                with_grad: bool) -> torch.Tensor:
+                with_grad: bool, cap: float = 0.0) -> torch.Tensor:
         n_valid = (targets != -1).sum()
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         grad_x = torch.empty_like(x) if with_grad else None
@@ -326,7 +382,11 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         weight, bias = weight.to(dtype), bias.to(dtype)
         for start in range(0, x.size(0), rows):
             xc, tc = x[start:start + rows].to(dtype), targets[start:start + rows]
-            logits = F.linear(xc, weight, bias).float()
+            if cap:
+                tanh = F.linear(xc, weight).float().div_(cap).tanh_()  # in place: each pass over a chunk costs
+                logits = torch.add(bias, tanh, alpha=cap)
+            else:
+                logits = F.linear(xc, weight, bias).float()
             lse = torch.logsumexp(logits, dim=-1)
             valid = tc != -1
             target = tc.clamp(min=0).unsqueeze(1)
@@ -335,6 +395,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 grad = logits.sub_(lse.unsqueeze(1)).exp_()  # the softmax, in place of the logits
                 grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad.dtype))
                 grad.mul_((valid / n_valid).unsqueeze(1))
+                if cap:
+                    grad = torch.ops.aten.tanh_backward(grad, tanh)  # grad * (1 - tanh^2), in one pass
                 grad = grad.to(dtype)
                 grad_x[start:start + rows] = grad @ weight
                 grad_w += grad.t() @ xc
@@ -344,7 +406,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, (grad_w * grad_loss).to(ctx.weight_dtype), None, None, None, None
+        return grad_x * grad_loss, (grad_w * grad_loss).to(ctx.weight_dtype), None, None, None, None, None
 
 
 class GPT(nn.Module):
@@ -359,6 +421,13 @@ class GPT(nn.Module):
             h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
             ln_f=make_norm(config),
         ))
+        if config.embed_norm:
+            self.transformer.ln_e = make_norm(config)
+        if config.x0_lambdas:
+            # nanochat's residual scalars: each block reads a_i * x + b_i * x0, so a layer can go back to the plain
+            # token embedding; a = 1, b = 0 starts as the ordinary residual stream
+            self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         if config.pos == "learned":
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
             self.rotary = None
@@ -377,6 +446,12 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.zero_init:
+            # every block starts as the identity and the untied head predicts uniformly, so the first updates are
+            # not spent undoing random outputs (the GPT-2 speedrun, nanochat); gradients still reach every weight
+            for name, p in self.named_parameters():
+                if name.endswith("c_proj.weight") or (name == "lm_head.weight" and not config.tie_embeddings):
+                    nn.init.zeros_(p)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -408,9 +483,13 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
         else:
             rope = self.rotary(start, T)
-        x = self.transformer.drop(x)
+        if self.config.embed_norm:
+            x = self.transformer.ln_e(x)
+        x = x0 = self.transformer.drop(x)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.transformer.h:
+        for i, block in enumerate(self.transformer.h):
+            if self.config.x0_lambdas:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             if recompute:
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, cache, use_reentrant=False)
             else:
@@ -421,17 +500,26 @@ class GPT(nn.Module):
         if targets is not None and self.chunked_loss and not isinstance(self.lm_head, Int8Linear):
             with_grad = torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad)
             loss = ChunkedCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, self.vocab_mask,
-                                             targets.reshape(B * T), LOSS_CHUNK_ROWS, with_grad)
+                                             targets.reshape(B * T), LOSS_CHUNK_ROWS, with_grad,
+                                             self.config.logit_softcap)
             return None, loss
-        if isinstance(self.lm_head, Int8Linear):
-            logits = self.lm_head(x)  # the vocabulary mask is its bias
-        else:
-            logits = F.linear(x, self.lm_head.weight, self.vocab_mask)
+        logits = self.head(x)
         loss = None
         if targets is not None:
             # the softmax in fp32 whatever the autocast dtype: bf16 log-probabilities are too coarse for a loss
             loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
         return logits, loss
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the final hidden states, softcapped if the config asks, with the padding ids at -inf."""
+        cap = self.config.logit_softcap
+        if isinstance(self.lm_head, Int8Linear):
+            logits = self.lm_head(x)  # the vocabulary mask is its bias unless there is a cap
+        elif cap:
+            logits = F.linear(x, self.lm_head.weight)
+        else:
+            return F.linear(x, self.lm_head.weight, self.vocab_mask)
+        return softcap(logits, cap) + self.vocab_mask if cap else logits
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = 50,
@@ -466,7 +554,7 @@ class GPT(nn.Module):
                     if isinstance(getattr(parent, name, None), nn.Linear):
                         linear = getattr(parent, name)
                         setattr(parent, name, Int8Linear(linear.weight, linear.bias))
-        model.lm_head = Int8Linear(self.lm_head.weight, self.vocab_mask)
+        model.lm_head = Int8Linear(self.lm_head.weight, None if self.config.logit_softcap else self.vocab_mask)
         return model
 
     @classmethod
@@ -500,6 +588,12 @@ class GPT(nn.Module):
 
 def hf_layout(config: GPTConfig) -> str:
     """The Hugging Face architecture that computes exactly what `config` does: 'gpt2' or 'llama'."""
+    speedrun = [flag for flag, on in (("--qk_norm", config.qk_norm), ("--embed_norm", config.embed_norm),
+                                      ("--x0_lambdas", config.x0_lambdas), ("--logit_softcap", config.logit_softcap),
+                                      ("--mlp relu2", config.mlp == "relu2")) if on]
+    if speedrun:
+        raise UserError(f"this model uses {' '.join(speedrun)}, which neither the GPT-2 nor the Llama layout of "
+                        "Hugging Face computes; it cannot be exported yet")
     if (config.norm, config.pos, config.mlp, config.bias, config.n_kv_head) == (
             "layernorm", "learned", "gelu", True, config.n_head):
         return "gpt2"
@@ -727,29 +821,90 @@ class TokenStream:
         return out
 
 
+def document_rows(stream: TokenStream, seq_len: int) -> np.ndarray:
+    """Starts of (seq_len + 1)-token training rows that each begin at a document's <|endoftext|>, so no row opens
+    in the middle of a text it cannot see the start of. A row is packed: a short document is followed by the next
+    ones. The next row starts at the first document start at or after the previous row's end; the tokens in between
+    are skipped. A document longer than a row is cut into seq_len-token pieces that start rows of their own, so
+    nothing of a long text is lost."""
+    starts = np.concatenate([np.flatnonzero(np.asarray(shard) == EOT_TOKEN) + offset
+                             for shard, offset in zip(stream.shards, stream.starts)])
+    if len(starts) == 0:
+        raise UserError(f"--bos_aligned found no <|endoftext|> token in {stream.files[0]} and the other shards: "
+                        "no document starts to align to; drop --bos_aligned")
+    lengths = np.diff(np.append(starts, len(stream)))
+    pieces = -(-lengths // seq_len)
+    first = np.repeat(np.cumsum(pieces) - pieces, pieces)
+    candidates = np.repeat(starts, pieces) + seq_len * (np.arange(len(first)) - first)
+    following = np.searchsorted(candidates, candidates + seq_len)  # the first candidate past each row's end
+    rows, i = [], 0
+    while i < len(candidates) and candidates[i] + seq_len + 1 <= len(stream):
+        rows.append(candidates[i])
+        i = following[i]
+    return np.array(rows, dtype=np.int64)
+
+
 class ShardLoader:
     """Training batches from one split. Every micro-step, rank r of W reads the r-th of W adjacent (B*T + 1)-token
     windows at a position all ranks share, then all move on by W*B*T: ranks never overlap, every token is visited
     once an epoch (across shard boundaries), and all ranks wrap to the next epoch on the same step. The position is
-    all the state there is, so it goes into checkpoints."""
+    all the state there is, so it goes into checkpoints.
+
+    bos_aligned or shuffle switch to a table of (T + 1)-token rows: document_rows, or every T-th position. A micro-step
+    takes the next W*B entries of the epoch's order, rank r the r-th B of them; shuffle makes that order a permutation
+    seeded by (seed, epoch), so shard order cannot show up as periodic loss. Every row is read once an epoch, by one
+    rank; the position in the order and the epoch are again the whole state."""
 
     def __init__(self, data_dir: str, split: str, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
-                 vocab_size: int = GPT2_VOCAB_SIZE):
+                 vocab_size: int = GPT2_VOCAB_SIZE, bos_aligned: bool = False, shuffle: bool = False, seed: int = 0):
         self.stream = TokenStream(data_dir, split, vocab_size)
         self.B, self.T, self.rank, self.world_size = batch_size, seq_len, rank, world_size
         self.stride = batch_size * seq_len * world_size
         if len(self.stream) < self.stride + 1:
             raise UserError(f"the '{split}' split in '{data_dir}' has {len(self.stream):,} tokens, fewer than one "
                             f"micro-batch over all ranks ({self.stride + 1:,}); lower --batch_size or --seq_len")
+        self.rows = None
+        if bos_aligned or shuffle:
+            self.rows = (document_rows(self.stream, seq_len) if bos_aligned
+                         else np.arange(0, len(self.stream) - seq_len, seq_len))
+            if len(self.rows) < batch_size * world_size:
+                raise UserError(f"--bos_aligned leaves {len(self.rows)} rows of {seq_len + 1} tokens in '{data_dir}', "
+                                f"fewer than one micro-batch over all ranks ({batch_size * world_size}); "
+                                "lower --batch_size or --seq_len, or drop --bos_aligned")
+        self.shuffle, self.seed = shuffle, seed
+        self._order_epoch, self._order = None, None
         self.position = 0
         self.epoch = 0
 
+    def skipped_tokens(self) -> int:
+        """Training tokens no row reads as input in an epoch (bos_aligned's gaps before document starts)."""
+        return 0 if self.rows is None else len(self.stream) - 1 - self.T * len(self.rows)
+
+    def order(self) -> np.ndarray:
+        """This epoch's order of the rows."""
+        if self._order_epoch != self.epoch:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            self._order = rng.permutation(len(self.rows)) if self.shuffle else np.arange(len(self.rows))
+            self._order_epoch = self.epoch
+        return self._order
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rows is not None:
+            return self._next_rows()
         if self.position + self.stride + 1 > len(self.stream):
             self.position, self.epoch = 0, self.epoch + 1
         buf = torch.from_numpy(self.stream.read(self.position + self.rank * self.B * self.T, self.B * self.T + 1))
         self.position += self.stride
         return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+
+    def _next_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        step_rows = self.B * self.world_size
+        if self.position + step_rows > len(self.rows):
+            self.position, self.epoch = 0, self.epoch + 1
+        mine = self.order()[self.position + self.rank * self.B: self.position + (self.rank + 1) * self.B]
+        buf = torch.from_numpy(np.stack([self.stream.read(int(start), self.T + 1) for start in self.rows[mine]]))
+        self.position += step_rows
+        return buf[:, :-1], buf[:, 1:]
 
     def state_dict(self) -> dict[str, int]:
         return {"position": self.position, "epoch": self.epoch}
@@ -770,11 +925,11 @@ def decay_groups(params: list[nn.Parameter], weight_decay: float, lr_flag: str) 
     return [g for g in groups if g["params"]]
 
 
-def adamw(params: list[nn.Parameter], lr: float, weight_decay: float, device_type: str,
+def adamw(params: list[nn.Parameter] | list[dict], lr: float, weight_decay: float, device_type: str,
           betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, fused: bool = True) -> torch.optim.AdamW:
-    """AdamW over decay_groups, fused where this torch supports the device, and it says so where not; fused=False
-    gives the plain for-loop implementation (the benchmark's baseline)."""
-    groups = decay_groups(params, weight_decay, "lr")
+    """AdamW over decay_groups of params (or over the given param groups), fused where this torch supports the
+    device, and it says so where not; fused=False gives the plain for-loop implementation (the benchmark's baseline)."""
+    groups = params if params and isinstance(params[0], dict) else decay_groups(params, weight_decay, "lr")
     if not fused:
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False)
     try:
@@ -790,37 +945,150 @@ def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, device
     return adamw([p for p in model.parameters() if p.requires_grad], lr, weight_decay, device_type, betas, eps)
 
 
-def configure_optimizers(model: nn.Module, name: str, args: argparse.Namespace,
-                         device_type: str) -> list[torch.optim.Optimizer]:
-    """The optimisers of --optimizer: adamw or sgd over every parameter, or muon for the 2-D matrices inside the
-    blocks plus AdamW (at --lr) for embeddings, lm_head, norms and biases, which Muon's orthogonalised updates do
-    not suit. Every group carries lr_flag; the LR schedule multiplies that flag's value."""
+# Newton-Schulz: one fixed quintic a*X + b*(XX^T)X + c*(XX^T)^2 X, its slope at 0 made as steep as possible (Keller
+# Jordan's Muon, torch.optim.Muon), applied 5 times.
+NEWTON_SCHULZ = [(3.4445, -4.7750, 2.0315)] * 5
+# Polar Express (Amsel, Persson, Musco & Gower 2025, arXiv:2505.16932, computed there for 5 iterations with safety
+# factor 2e-2 and cushion 2): each iteration's quintic is the minimax-optimal one for the singular values the
+# iterations before it leave, so 5 iterations end closer to 1 across the whole spectrum than 5 of the fixed quintic.
+POLAR_EXPRESS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+
+
+def orthogonalize(g: torch.Tensor, coefficients: list[tuple[float, float, float]], dtype: torch.dtype) -> torch.Tensor:
+    """U V^T of g = U S V^T, approximately: odd matrix polynomials push every singular value towards 1. Run on the
+    wide orientation, where X X^T is the smaller Gram matrix."""
+    x = g.to(dtype)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.mT
+    x = x / (x.norm() * 1.01 + 1e-7)  # Frobenius >= spectral norm: every singular value now lies in [0, 1)
+    for a, b, c in coefficients:
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    return x.mT if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024): SGD momentum whose update, per weight matrix, is replaced by its nearest
+    semi-orthogonal matrix, so every direction of the matrix moves at the same rate. The learning rate is scaled by
+    sqrt(max(1, rows / cols)), torch.optim.Muon's "original" rule.
+
+    normuon=True is NorMuon (Li et al. 2025, arXiv:2510.05491): after orthogonalisation each neuron's update is
+    divided by the root of its own running mean square (beta2), then the whole update is rescaled to its former
+    norm, so no neuron's updates dominate; it iterates with Polar Express and uses cautious weight decay (decay only
+    the entries the update moves the same way: Chen et al. 2025), as the GPT-2 speedrun does. ortho_dtype is the
+    iterations' precision: bf16 where the hardware has it, fp32 elsewhere (an emulated bf16 matmul costs 100x)."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.95, weight_decay: float = 0.0, normuon: bool = False,
+                 beta2: float = 0.95, ortho_dtype: torch.dtype = torch.float32):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, normuon=normuon,
+                                      beta2=beta2, nesterov=True))
+        self.ortho_dtype = ortho_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        for group in self.param_groups:
+            lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
+            normuon = group.get("normuon", False)  # absent in the groups of torch.optim.Muon checkpoints
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum)  # Nesterov
+                update = orthogonalize(update, POLAR_EXPRESS if normuon else NEWTON_SCHULZ,
+                                       self.ortho_dtype).to(p.dtype)
+                if normuon:
+                    update = self._normalize_neurons(update, state, group["beta2"])
+                    p.sub_(p * (update * p >= 0), alpha=lr * decay)
+                else:
+                    p.mul_(1 - lr * decay)
+                p.add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+
+    @staticmethod
+    def _normalize_neurons(update: torch.Tensor, state: dict, beta2: float) -> torch.Tensor:
+        # A semi-orthogonal wide matrix has rows of norm 1 already; its columns (a tall one's rows) are what vary
+        dim = 1 if update.size(0) >= update.size(1) else 0
+        mean_sq = update.square().mean(dim=dim, keepdim=True)
+        if "second_moment" not in state:
+            state["second_moment"] = torch.zeros_like(mean_sq)
+        v = state["second_moment"]
+        v.lerp_(mean_sq, 1 - beta2)
+        scaled = update / (v.sqrt() + 1e-10)
+        return (scaled * (update.norm() / scaled.norm().clamp(min=1e-10))).to(update.dtype)
+
+
+def adam_groups(params: list[nn.Parameter], model: nn.Module, args: argparse.Namespace) -> list[dict]:
+    """The AdamW part beside Muon: the token embedding (--embed_lr), an untied head (--head_lr) and the vector
+    parameters (--scalar_lr) each at their own peak LR when the flag is given, else all at --lr."""
+    kinds = {id(model.transformer.wte.weight): "embed_lr"}
+    if not model.config.tie_embeddings:
+        kinds[id(model.lm_head.weight)] = "head_lr"
+    flag_of = {}
+    for p in params:
+        flag = kinds.get(id(p), "scalar_lr" if p.dim() < 2 else "lr")
+        flag_of[id(p)] = flag if getattr(args, flag, None) is not None else "lr"
+    groups = []
+    for flag in dict.fromkeys(flag_of.values()):  # without the flags: one "lr" bucket, the layout of older runs
+        groups += decay_groups([p for p in params if flag_of[id(p)] == flag], args.weight_decay, flag)
+    for g in groups:
+        g["lr"] = getattr(args, g["lr_flag"])
+    return groups
+
+
+def configure_optimizers(model: nn.Module, name: str, args: argparse.Namespace, device_type: str,
+                         ortho_dtype: torch.dtype = torch.float32) -> list[torch.optim.Optimizer]:
+    """The optimisers of --optimizer: adamw or sgd over every parameter, or muon / normuon for the 2-D matrices
+    inside the blocks plus AdamW for embeddings, lm_head, norms and biases, which orthogonalised updates do not suit.
+    Every group carries lr_flag; the LR schedule multiplies that flag's value."""
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "adamw":
-        return [adamw(params, args.lr, args.weight_decay, device_type)]
+        return [adamw(params, args.lr, args.weight_decay, device_type, betas=(args.adam_beta1, 0.95))]
     if name == "sgd":
         return [torch.optim.SGD(decay_groups(params, args.weight_decay, "lr"), lr=args.lr, momentum=args.sgd_momentum,
                                 nesterov=args.sgd_momentum > 0)]
-    if not hasattr(torch.optim, "Muon"):
-        raise UserError(f"--optimizer muon needs torch.optim.Muon (torch >= 2.9), this is torch {torch.__version__}; "
-                        "upgrade torch or use --optimizer adamw")
     hidden = [p for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2]
     hidden_ids = {id(p) for p in hidden}
-    muon = torch.optim.Muon([{"params": hidden, "lr_flag": "muon_lr"}], lr=args.muon_lr, momentum=args.muon_momentum,
-                            weight_decay=args.muon_weight_decay, nesterov=True, adjust_lr_fn="original")
-    return [muon, adamw([p for p in params if id(p) not in hidden_ids], args.lr, args.weight_decay, device_type)]
+    muon = Muon([{"params": hidden, "lr_flag": "muon_lr"}], lr=args.muon_lr, momentum=args.muon_momentum,
+                weight_decay=args.muon_weight_decay, normuon=name == "normuon", beta2=args.normuon_beta2,
+                ortho_dtype=ortho_dtype)
+    rest = adam_groups([p for p in params if id(p) not in hidden_ids], model, args)
+    return [muon, adamw(rest, args.lr, args.weight_decay, device_type, betas=(args.adam_beta1, 0.95))]
 
 
-def lr_at(step: int, max_lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """Linear warmup from max_lr/warmup_steps (never 0: step 0 must learn), then cosine down to min_lr_ratio*max_lr
-    at max_steps, and flat after."""
+def lr_at(step: int, max_lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float,
+          schedule: str = "cosine", cooldown_frac: float = 0.0) -> float:
+    """Linear warmup from max_lr/warmup_steps (never 0: step 0 must learn), then down to min_lr_ratio*max_lr at
+    max_steps, and flat after. cosine: a half cosine over all the steps after warmup. wsd (warmup-stable-decay):
+    flat at max_lr, then a straight line down over the last cooldown_frac of max_steps: the flat phase learns fastest,
+    the cooldown collects the gain, and the run's length can be set late."""
     min_lr = max_lr * min_lr_ratio
     if step >= max_steps:
         return min_lr
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
+    if schedule == "wsd":
+        cooldown = max(1, round(cooldown_frac * max_steps))
+        return min_lr + (max_lr - min_lr) * min(1.0, (max_steps - step) / cooldown)
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def muon_momentum_at(step: int, momentum: float, warmup_steps: int) -> float:
+    """Muon's momentum rises linearly from 0.85 to --muon_momentum over the first warmup_steps: early gradients
+    change fast, and a long momentum average would point where the loss used to be (the GPT-2 speedrun)."""
+    if step >= warmup_steps:
+        return momentum
+    return 0.85 + (momentum - 0.85) * step / warmup_steps
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1267,9 +1535,11 @@ def check_args(args: argparse.Namespace, config: GPTConfig, world_size: int) -> 
         raise UserError("--int8 applies to --sample_only; training runs at full precision")
     if args.fsdp and world_size < 2:
         raise UserError("--fsdp shards the model over ranks: launch with torchrun --nproc_per_node N (N >= 2)")
-    if args.fsdp and args.optimizer == "muon":
-        raise UserError("--optimizer muon orthogonalises whole matrices, which --fsdp splits across ranks; "
-                        "use --optimizer adamw or sgd with --fsdp")
+    if args.fsdp and args.optimizer in ("muon", "normuon"):
+        raise UserError(f"--optimizer {args.optimizer} orthogonalises whole matrices, which --fsdp splits across "
+                        "ranks; use --optimizer adamw or sgd with --fsdp")
+    if args.lr_schedule == "wsd" and not 0.0 < args.cooldown_frac <= 1.0:
+        raise UserError(f"--cooldown_frac must be in (0, 1] with --lr_schedule wsd, got {args.cooldown_frac}")
     tokens_per_micro_step = args.batch_size * args.seq_len * world_size
     if args.total_batch_size % tokens_per_micro_step:
         raise UserError(f"--total_batch_size {args.total_batch_size} is not divisible by batch_size*seq_len*world_size "
@@ -1308,13 +1578,17 @@ def resolve_max_steps(args: argparse.Namespace, train_tokens: int) -> None:
     if args.epochs is not None:
         args.max_steps = max(1, math.ceil(args.epochs * train_tokens / args.total_batch_size))
         print0(f"--epochs {args.epochs} of {train_tokens:,} tokens = {args.max_steps} steps")
+    if args.recipe:
+        for flag, fraction in RECIPES[args.recipe]["fractions"].items():
+            if flag not in args.explicit:
+                setattr(args, flag, round(fraction * args.max_steps))
     if args.warmup_steps > args.max_steps:
         raise UserError(f"--warmup_steps {args.warmup_steps} is longer than --max_steps {args.max_steps}: the learning "
                         "rate would never reach --lr; lower --warmup_steps")
 
 
-def check_compatible(ckpt: dict, config: GPTConfig, optimizer: str, path: str) -> None:
-    """A checkpoint resumes only into the same architecture and optimiser; dropout may change between runs."""
+def check_compatible(ckpt: dict, config: GPTConfig, args: argparse.Namespace, path: str) -> None:
+    """A checkpoint resumes only into the same architecture, optimiser and data order; dropout may change."""
     saved = GPTConfig(**ckpt["config"])
     diff = ", ".join(f"{f.name} {getattr(saved, f.name)} vs {getattr(config, f.name)}" for f in fields(GPTConfig)
                      if f.name != "dropout" and getattr(saved, f.name) != getattr(config, f.name))
@@ -1322,9 +1596,14 @@ def check_compatible(ckpt: dict, config: GPTConfig, optimizer: str, path: str) -
         raise UserError(f"checkpoint '{path}' was trained with a different model ({diff}); "
                         "pass the same --model and architecture flags, or another --out_dir")
     saved_optimizer = ckpt["args"].get("optimizer", "adamw")
-    if saved_optimizer != optimizer:
-        raise UserError(f"checkpoint '{path}' was trained with --optimizer {saved_optimizer}, not {optimizer}; "
+    if saved_optimizer != args.optimizer:
+        raise UserError(f"checkpoint '{path}' was trained with --optimizer {saved_optimizer}, not {args.optimizer}; "
                         f"pass --optimizer {saved_optimizer}, or another --out_dir")
+    for flag in ("bos_aligned", "shuffle"):  # the saved loader position counts rows of that order
+        saved = ckpt["args"].get(flag, False)
+        if saved != getattr(args, flag):
+            raise UserError(f"checkpoint '{path}' was trained with{'' if saved else 'out'} --{flag}; pass "
+                            f"--{'' if saved else 'no-'}{flag} to resume it, or another --out_dir")
 
 
 def rewrite_log(log_path: str, keep_until_step: int | None) -> None:
@@ -1364,7 +1643,7 @@ class PreemptionFlag:
 
 
 ARCH_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "n_kv_head", "norm", "pos", "rope_theta", "mlp",
-              "mlp_hidden", "bias")
+              "mlp_hidden", "bias", "qk_norm", "embed_norm", "x0_lambdas", "zero_init", "logit_softcap")
 
 
 def model_from_args(args: argparse.Namespace) -> tuple[GPTConfig, GPT | None]:
@@ -1402,19 +1681,22 @@ def train(args: argparse.Namespace) -> None:
     # ---- everything a user can get wrong is checked before a process group, a file or a model exists
     device = resolve_device(args.device, local_rank)
     dtype = resolve_dtype(args.dtype, device)
+    resume_path, ckpt = find_resume_checkpoint(args)
+    if ckpt is not None and ckpt["args"].get("recipe") and args.recipe is None:
+        args.recipe = ckpt["args"]["recipe"]  # a resumed run keeps its recipe, whatever the command line says
+        apply_recipe(args)
     config, pretrained = model_from_args(args)
     grad_accum = check_args(args, config, world_size)
     train_loader = ShardLoader(args.data_dir, "train", args.batch_size, args.seq_len, rank, world_size,
-                               config.vocab_size)
+                               config.vocab_size, args.bos_aligned, args.shuffle, args.seed)
     resolve_max_steps(args, len(train_loader.stream))
     val_stream = TokenStream(args.data_dir, "val", config.vocab_size) if args.val_every else None
     hellaswag_examples = None
     if args.hellaswag_every:
         import hellaswag_eval
         hellaswag_examples = hellaswag_eval.load_examples(args.hellaswag_file, args.hellaswag_limit)
-    resume_path, ckpt = find_resume_checkpoint(args)
     if ckpt is not None:
-        check_compatible(ckpt, config, args.optimizer, resume_path)
+        check_compatible(ckpt, config, args, resume_path)
     use_compile = resolve_compile(args.compile, device)
 
     if distributed:
@@ -1441,7 +1723,8 @@ def train(args: argparse.Namespace) -> None:
         model.load_state_dict(ckpt["model"])  # whole, before sharding: every checkpoint has the same layout
     if args.fsdp:
         shard_model(model, device, world_size)
-    optimizers = configure_optimizers(model, args.optimizer, args, device.type)
+    optimizers = configure_optimizers(model, args.optimizer, args, device.type,
+                                      ortho_dtype=torch.bfloat16 if native_bf16(device) else torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     step = 0
     if ckpt is not None:
@@ -1483,6 +1766,18 @@ def train(args: argparse.Namespace) -> None:
                                      for o in optimizers)
         print0(f"batch {tokens_per_step:,} tokens = {args.batch_size} x {args.seq_len} x {world_size} ranks x "
                f"{grad_accum} micro-steps | {len(train_loader.stream):,} train tokens | {optimizer_names}")
+        if args.recipe:
+            recipe = RECIPES[args.recipe]
+            resolved = " ".join(f"--{flag} {getattr(args, flag):.4g}" if isinstance(getattr(args, flag), float)
+                                else f"--{flag} {getattr(args, flag)}" for flag in [*recipe["flags"], *recipe["fractions"]])
+            given = " ".join(f"--{flag}" for flag in args.explicit if flag in recipe["flags"] or flag in recipe["fractions"])
+            print0(f"recipe {args.recipe}: {resolved}" + (f" (given on the command line: {given})" if given else ""))
+        if train_loader.rows is not None:
+            skipped = train_loader.skipped_tokens()
+            print0(f"data: {len(train_loader.rows):,} rows of {args.seq_len + 1} tokens"
+                   + (" starting at document starts" if args.bos_aligned else "")
+                   + (", shuffled every epoch" if args.shuffle else "")
+                   + f"; {skipped:,} train tokens ({100 * skipped / len(train_loader.stream):.1f}%) skipped")
 
     def log(record: dict) -> None:
         if master:
@@ -1556,11 +1851,14 @@ def train(args: argparse.Namespace) -> None:
         bad_steps = 0
         while step < stop_at:
             t0 = time.perf_counter()
-            lr_scale = lr_at(step, 1.0, args.warmup_steps, args.max_steps, args.min_lr_ratio)
+            lr_scale = lr_at(step, 1.0, args.warmup_steps, args.max_steps, args.min_lr_ratio, args.lr_schedule,
+                             args.cooldown_frac)
             lr = args.lr * lr_scale
             for optimizer in optimizers:
                 for group in optimizer.param_groups:
                     group["lr"] = getattr(args, group.get("lr_flag", "lr")) * lr_scale
+                    if isinstance(optimizer, Muon):
+                        group["momentum"] = muon_momentum_at(step, args.muon_momentum, args.muon_momentum_warmup)
                 optimizer.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), device=device)
             for micro_step in range(grad_accum):
@@ -1780,12 +2078,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--n_kv_head", type=int, default=None,
                    help="key/value heads for grouped-query attention; must divide n_head, 1 = multi-query "
                         "(default n_head)")
-    g.add_argument("--mlp", choices=["gelu", "swiglu"], default=None, help="MLP type (default gelu)")
+    g.add_argument("--mlp", choices=["gelu", "swiglu", "relu2"], default=None,
+                   help="MLP type: GPT-2's tanh-GELU, SwiGLU, or relu(x)^2 (default gelu)")
     g.add_argument("--mlp_hidden", type=int, default=None,
-                   help="MLP hidden size (default 4*n_embd for gelu, 8/3*n_embd rounded up to 64 for swiglu)")
+                   help="MLP hidden size (default 4*n_embd for gelu and relu2, 8/3*n_embd rounded up to 64 for swiglu)")
+    g.add_argument("--qk_norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="RMSNorm with a learned gain on each head's queries and keys (default off)")
+    g.add_argument("--embed_norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="normalise the token embedding (with --norm's layer) before the first block (default off)")
+    g.add_argument("--x0_lambdas", action=argparse.BooleanOptionalAction, default=None,
+                   help="learned per-layer scalars mixing the token embedding back into each block's input "
+                        "(default off)")
+    g.add_argument("--zero_init", action=argparse.BooleanOptionalAction, default=None,
+                   help="initialise the residual output projections (and an untied lm_head) to zero (default off)")
+    g.add_argument("--logit_softcap", type=float, default=None,
+                   help="cap the logits smoothly to +-C with C*tanh(z/C), in training, evaluation and sampling "
+                        "(default 0 = off)")
     g.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None,
                    help="biases in linear and LayerNorm layers (default on)")
-    g.add_argument("--untie", action="store_true", help="give lm_head its own matrix instead of the token embedding's")
+    g.add_argument("--untie", action=argparse.BooleanOptionalAction, default=False,
+                   help="give lm_head its own matrix instead of the token embedding's")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout on embeddings, attention and residual branches")
     g.add_argument("--init_from", default=None, metavar="NAME_OR_DIR",
                    help="start from Hugging Face weights (gpt2, gpt2-medium, ... or a local GPT-2/Llama directory); "
@@ -1797,20 +2109,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--batch_size", type=int, default=64, help="sequences per micro-batch per rank (B)")
     g.add_argument("--total_batch_size", type=int, default=524288,
                    help="tokens per optimizer step over all ranks; grad accumulation makes up the rest")
+    g.add_argument("--bos_aligned", action=argparse.BooleanOptionalAction, default=False,
+                   help="start every training row at a document's <|endoftext|> (documents longer than a row are cut "
+                        "into row-sized pieces); the startup line says how many tokens that skips")
+    g.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=False,
+                   help="read the training rows in a permutation seeded by --seed and the epoch, not in file order")
     g = p.add_argument_group("optimization")
     g.add_argument("--max_steps", type=int, default=None,
                    help=f"optimizer steps; the LR schedule ends here (default {DEFAULT_MAX_STEPS}: 10B tokens at 0.5M a step)")
     g.add_argument("--epochs", type=float, default=None,
                    help="set --max_steps from passes over the training tokens instead (fractions allowed)")
-    g.add_argument("--optimizer", choices=["adamw", "sgd", "muon"], default="adamw",
-                   help="muon: Muon on the blocks' matrices (at --muon_lr), AdamW on the rest (at --lr)")
+    g.add_argument("--recipe", choices=list(RECIPES), default=None,
+                   help="speedrun: the measured-best architecture, optimizer, schedule and data options for few "
+                        "tokens (see the README); any flag given explicitly wins")
+    g.add_argument("--optimizer", choices=["adamw", "sgd", "muon", "normuon"], default="adamw",
+                   help="muon / normuon: Muon / NorMuon on the blocks' matrices (at --muon_lr), AdamW on the rest")
     g.add_argument("--lr", type=float, default=6e-4, help="peak learning rate of AdamW/SGD (or Muon's AdamW part)")
+    g.add_argument("--embed_lr", type=float, default=None,
+                   help="with muon/normuon: peak AdamW LR of the token embedding (default --lr)")
+    g.add_argument("--head_lr", type=float, default=None,
+                   help="with muon/normuon: peak AdamW LR of an untied lm_head (default --lr)")
+    g.add_argument("--scalar_lr", type=float, default=None,
+                   help="with muon/normuon: peak AdamW LR of norm gains, biases and residual scalars (default --lr)")
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW's first-moment decay (beta2 is 0.95)")
     g.add_argument("--muon_lr", type=float, default=0.02, help="peak learning rate of Muon's matrices")
     g.add_argument("--muon_momentum", type=float, default=0.95, help="Muon's (Nesterov) momentum")
-    g.add_argument("--muon_weight_decay", type=float, default=0.0, help="Muon's decoupled weight decay on its matrices")
+    g.add_argument("--muon_momentum_warmup", type=int, default=0,
+                   help="steps over which Muon's momentum rises from 0.85 to --muon_momentum (0 = none)")
+    g.add_argument("--muon_weight_decay", type=float, default=0.0,
+                   help="Muon's decoupled weight decay on its matrices (cautious with normuon)")
+    g.add_argument("--normuon_beta2", type=float, default=0.95,
+                   help="NorMuon's decay of each neuron's running mean square update")
     g.add_argument("--sgd_momentum", type=float, default=0.9, help="SGD's Nesterov momentum (0 = plain SGD)")
     g.add_argument("--min_lr_ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
     g.add_argument("--warmup_steps", type=int, default=715, help="steps of linear learning-rate warmup")
+    g.add_argument("--lr_schedule", choices=["cosine", "wsd"], default="cosine",
+                   help="after warmup: cosine to the floor, or wsd: flat, then linear down over --cooldown_frac")
+    g.add_argument("--cooldown_frac", type=float, default=0.4,
+                   help="with --lr_schedule wsd: the fraction of --max_steps the final linear decay takes")
     g.add_argument("--weight_decay", type=float, default=0.1, help="AdamW decay on matrices and embeddings")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this (0 = off)")
     g.add_argument("--seed", type=int, default=1337, help="seed for init, data order is fixed; runs are repeatable")
@@ -1870,7 +2206,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--int8", action="store_true",
                    help="with --sample_only on CPU: also sample from an int8 copy of the linear layers, and report its speed-up "
                         "and validation-loss change on --data_dir")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for action in p._actions:  # parse again with no defaults: what is left is what the command line says itself
+        action.default = argparse.SUPPRESS
+    args.explicit = sorted(vars(p.parse_args(argv)))
+    if args.recipe:
+        apply_recipe(args)
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

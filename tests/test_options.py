@@ -231,7 +231,7 @@ def block_matrix_names(n_layer):
 ])
 def test_muon_takes_the_block_matrices_and_adamw_everything_else(overrides):
     model, opts, args = build("muon", **overrides)
-    assert [type(o) for o in opts] == [torch.optim.Muon, torch.optim.AdamW]
+    assert [type(o) for o in opts] == [tg.Muon, torch.optim.AdamW]
     muon, adam = opts
     names = {id(p): n for n, p in model.named_parameters()}  # the tied matrix appears once, as wte
     muon_params = [p for g in muon.param_groups for p in g["params"]]
