@@ -904,7 +904,7 @@ class ShardLoader:
         mine = self.order()[self.position + self.rank * self.B: self.position + (self.rank + 1) * self.B]
         buf = torch.from_numpy(np.stack([self.stream.read(int(start), self.T + 1) for start in self.rows[mine]]))
         self.position += step_rows
-        return buf[:, :-1], buf[:, 1:]
+        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()  # the strides of the other path: no recompile
 
     def state_dict(self) -> dict[str, int]:
         return {"position": self.position, "epoch": self.epoch}
@@ -1521,12 +1521,13 @@ def check_args(args: argparse.Namespace, config: GPTConfig, world_size: int) -> 
     for flag in ("batch_size", "seq_len", "total_batch_size", "max_steps", "max_bad_steps", "epochs"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise UserError(f"--{flag} must be positive, got {getattr(args, flag)}")
-    for flag in ("val_every", "sample_every", "save_every", "hellaswag_every", "warmup_steps", "keep_last"):
+    for flag in ("val_every", "sample_every", "save_every", "hellaswag_every", "warmup_steps", "keep_last",
+                 "muon_momentum_warmup"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag} must be 0 (off) or positive, got {getattr(args, flag)}")
     if args.epochs is not None and not math.isfinite(args.epochs):
         raise UserError(f"--epochs must be a finite number, got {args.epochs}")
-    for flag in ("sgd_momentum", "muon_momentum"):
+    for flag in ("sgd_momentum", "muon_momentum", "adam_beta1", "normuon_beta2"):
         if not 0.0 <= getattr(args, flag) < 1.0:
             raise UserError(f"--{flag} must be in [0, 1), got {getattr(args, flag)}")
     if args.hellaswag_limit is not None and args.hellaswag_limit < 1:
