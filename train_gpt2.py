@@ -252,8 +252,9 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hd).transpose(1, 2)
         k = k.view(B, T, kv, hd).transpose(1, 2)
         v = v.view(B, T, kv, hd).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if self.q_norm is not None:  # gains cast to q's dtype: under autocast that keeps the fused kernel
+            q = F.rms_norm(q, (hd,), self.q_norm.weight.to(q.dtype), self.q_norm.eps)
+            k = F.rms_norm(k, (hd,), self.k_norm.weight.to(k.dtype), self.k_norm.eps)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
