@@ -1,5 +1,5 @@
 """
-Tokenising throughput of prepare_fineweb.py with 1 and 2 worker processes on the bundled Gutenberg corpus.
+Tokenising throughput of prepare_fineweb.py with 1 and 2 tokeniser threads on the bundled Gutenberg corpus.
 
   python benchmarks/bench_prepare.py                 # corpus repeated 5x (~10M tokens), 3 rounds
   python benchmarks/bench_prepare.py --repeat 1 --rounds 5
@@ -8,6 +8,7 @@ Each round runs the real command line once per worker count, back to back, so th
 doing slows both alike; the table reports the median tokens/s of the tokenise-and-write phase (from prep.json,
 which excludes Python start-up and opening the dataset) and its ratio to 1 worker. A first unmeasured run converts the
 corpus to datasets' Arrow cache, which later runs reuse. The outputs of all worker counts must be byte-identical.
+bench_prepare_peer.py times whole processes instead, from start to the last shard, against build-nanogpt's script.
 """
 
 from __future__ import annotations

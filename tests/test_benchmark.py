@@ -118,7 +118,8 @@ def loss_and_grads(model, idx, targets, chunked, autocast_dtype=None):
 @pytest.mark.parametrize("overrides", [{}, dict(pos="rope", n_kv_head=1, mlp="swiglu", norm="rmsnorm", bias=False,
                                                 tie_embeddings=False)], ids=["classic-tied", "modern-untied"])
 def test_chunked_loss_gives_the_plain_loss_and_gradients(monkeypatch, overrides):
-    monkeypatch.setattr(tg, "LOSS_CHUNK_ROWS", 7)  # 48 positions: 6 full chunks and a ragged one
+    for name in ("LOSS_CHUNK_ROWS", "LOSS_CHUNK_ROWS_CPU"):
+        monkeypatch.setattr(tg, name, 7)  # 48 positions: 6 full chunks and a ragged one
     torch.manual_seed(0)
     model = tg.GPT(small_config(**overrides))
     idx = torch.randint(0, 50257, (2, 24))
@@ -149,6 +150,31 @@ def test_chunked_loss_gives_the_plain_loss_and_gradients(monkeypatch, overrides)
         model.chunked_loss = True
         _, eval_loss = model(idx, targets)
     assert eval_loss.item() == pytest.approx(loss.item(), rel=1e-6) and eval_loss.grad_fn is None
+
+
+@pytest.mark.parametrize("cap", [0.0, 5.0])
+@pytest.mark.parametrize("kernel", ["xent_chunk", "xent_chunk_traced"])
+def test_chunk_kernels_give_the_reference_loss_and_gradient(kernel, cap):
+    """Both formulations of a chunk's loss (the in-place one run eagerly, the pure one torch.compile traces)
+    against float64 autograd: sum(scale * cross-entropy) of softcap(z) + bias, ignored targets contributing nothing.
+    Without a cap the head's matmul adds the bias, so the kernels get z + bias."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 40) * 4
+    bias = torch.zeros(40)
+    bias[37:] = float("-inf")  # padding ids
+    targets = torch.tensor([3, -1, 36, 0, -1, 17])
+    valid = targets != -1
+    scale = valid / valid.sum()
+    loss, grad = getattr(tg, kernel)(logits.clone() if cap else logits + bias, targets, scale, bias, cap)
+    z = logits.double().requires_grad_()
+    capped = cap * torch.tanh(z / cap) if cap else z
+    logp = torch.log_softmax(capped + bias.double(), dim=-1)
+    reference = -(logp[valid, targets[valid]] * scale[valid].double()).sum()
+    reference.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert grad.dtype == logits.dtype
+    assert torch.allclose(grad.double(), z.grad, atol=1e-6)
+    assert grad[~valid].abs().max().item() == 0 and grad[:, 37:].abs().max().item() == 0
 
 
 def test_chunked_loss_lowers_peak_memory():

@@ -7,6 +7,7 @@ writes several of them and documents cross shard boundaries.
 
 from __future__ import annotations
 
+import functools
 import http.server
 import json
 import os
@@ -197,6 +198,60 @@ def test_tokenizer_matches_published_gpt2_ids():
     assert lengths.tolist() == [3, 1, 2]
 
 
+def test_batch_tokenising_equals_one_document_at_a_time():
+    texts = [d["text"] for d in make_docs(12, seed=3)] + [
+        "a lone surrogate \ud800 repaired as encode_ordinary repairs it",  # as a JSON escape can produce
+        "<|endoftext|><|endoftext|>",
+        "   \n\n\t ",
+        "x" * 70_000,  # one long run of letters: a single regex piece, many merges
+    ]
+    tokens, lengths = prepare_fineweb.tokenize_batch(texts)
+    expected, expected_lengths = expected_tokens(texts)
+    assert lengths.tolist() == expected_lengths
+    assert tokens.dtype == np.uint16 and np.array_equal(tokens, expected)
+
+
+@functools.lru_cache(maxsize=1)
+def hf_gpt2_bpe():
+    """GPT-2's BPE as Hugging Face `tokenizers` implements it (its own regex, byte mapping and merge loop), from
+    vocab.json and merges.txt: a tokenisation that shares no code with tiktoken."""
+    tokenizers = pytest.importorskip("tokenizers")
+    files = train_gpt2.gpt2_tokenizer_files()
+    vocab = json.loads(files["vocab.json"])
+    merges = [tuple(line.split(" ")) for line in files["merges.txt"].splitlines()[1:]]
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's pre-tokenising regex
+    return tk
+
+
+def test_shards_equal_an_independent_bpe(corpus, reference):
+    tk = hf_gpt2_bpe()
+    sample = pq.read_table(prepare_fineweb.SAMPLE_PATH).column("text").to_pylist()[:3]
+    texts = [d["text"] for d in corpus["docs"]]
+    independent = np.array([t for text in texts for t in [EOT, *tk.encode(text).ids]], dtype=np.uint16)
+    assert np.array_equal(stream_of(reference), independent)
+    for text in sample:  # real prose, as a check that the BPE above is GPT-2's and not just self-consistent
+        tokens, _ = prepare_fineweb.tokenize_batch([text])
+        assert tokens[1:].tolist() == tk.encode(text).ids
+
+
+def test_prep_uses_the_trainers_tokenizer_and_shard_format(corpus, tmp_path, capsys, monkeypatch):
+    # one copy of each, in train_gpt2: prep's shards are whatever train_gpt2.write_shard writes, in the format the
+    # trainer reads, and its ids whatever train_gpt2.get_tokenizer gives
+    assert not any(hasattr(prepare_fineweb, name) for name in ("SHARD_MAGIC", "HEADER_INTS", "BPE_RANKS_PATH"))
+    assert prepare_fineweb.EOT_TOKEN == train_gpt2.get_tokenizer().eot_token == EOT
+    assert (train_gpt2.SHARD_MAGIC, train_gpt2.SHARD_VERSION, train_gpt2.HEADER_BYTES) == (20240520, 1, 1024)
+    written = []
+    real_write = train_gpt2.write_shard
+    monkeypatch.setattr(train_gpt2, "write_shard",
+                        lambda path, tokens: (written.append(path), real_write(path, tokens)))
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "--data_files", corpus["parquet"], "--out_dir", out, "--num_proc", 1, *common(corpus))
+    assert code == 0, err
+    assert sorted(os.path.basename(p) for p in written) == shard_files(out)
+    assert np.array_equal(stream_of(out), corpus["tokens"])
+
+
 @pytest.mark.parametrize("argv, hub_id, name, out_dir", [
     ([], "HuggingFaceFW/fineweb-edu", "sample-10BT", "data/edu_fineweb10B"),  # train_gpt2.py's default --data_dir
     (["--dataset", "fineweb-edu"], "HuggingFaceFW/fineweb-edu", "sample-10BT", "data/edu_fineweb10B"),
@@ -311,6 +366,34 @@ train_gpt2.write_shard = write_then_die
 if __name__ == "__main__":
     sys.exit(prepare_fineweb.main(sys.argv[1:]))
 """
+
+
+def test_one_batch_across_many_shards_records_each_resume_point(corpus, tmp_path, monkeypatch):
+    """A batch spanning several shards (small shards, or one long document): every full shard records where the next
+    one starts, i.e. the document holding its first token and the offset in it, found here from the lengths alone."""
+    tokens, lengths = corpus["tokens"], corpus["lengths"]
+    doc_starts = np.cumsum([0] + lengths)
+    bounds = [b for b in [VAL, *range(VAL + SHARD, len(tokens), SHARD)] if b < len(tokens)]
+
+    def doc_at(t: int) -> tuple[int, int]:
+        d = int(np.searchsorted(doc_starts, t, side="right")) - 1
+        return d, int(t - doc_starts[d])
+
+    def feed(first_doc: int, skip: int, out) -> list:
+        writer = prepare_fineweb.ShardWriter(str(out), "corpus", SHARD, VAL, None, prepare_fineweb.new_state({}), "")
+        if first_doc or skip:  # as --resume sets it up: the shards before this one are already on disk
+            writer.written = int(doc_starts[first_doc] + skip)
+        recorded, real_write = [], writer.write
+        monkeypatch.setattr(writer, "write", lambda full, next_start: (recorded.append(next_start) if full else None,
+                                                                       real_write(full, next_start)))
+        assert writer.add(first_doc, skip, tokens[doc_starts[first_doc]:], np.array(lengths[first_doc:]))
+        assert writer.documents == len(lengths)
+        return recorded
+
+    assert feed(0, 0, tmp_path / "whole") == [doc_at(b) for b in bounds]
+    doc, skip = doc_at(bounds[2])
+    assert skip > 0, "the corpus should put a shard boundary inside a document here"
+    assert feed(doc, skip, tmp_path / "resumed") == [doc_at(b) for b in bounds[3:]]
 
 
 def test_resume_after_kill_is_byte_identical(corpus, reference, tmp_path, capsys):

@@ -1,0 +1,389 @@
+#!/usr/bin/env bash
+# gpu_check.sh: one offline check of train_gpt2.py on a CUDA GPU, in at most 8 minutes on one H200.
+#
+#   bash benchmarks/gpu_check.sh                 # on a CUDA machine (needs only torch, numpy, tiktoken, tqdm)
+#   bash benchmarks/gpu_check.sh --cpu-smoke     # the same steps on CPU with the d2 preset, in about a minute
+#   PYTHON=/path/to/python bash benchmarks/gpu_check.sh    # another interpreter than the `python` on PATH
+#
+# What it does, all on synthetic token shards written to a temporary folder (no network, no dataset):
+#   shards  a fixed random sequence of 1009 tokens (127 in the smoke) repeated, so the loss can fall within 300
+#           steps, written with train_gpt2.write_shard as two train shards and one val shard
+#   ladder  python train_gpt2.py --benchmark ladder --model gpt2 --seq_len 1024 --batch_size 16: each
+#           optimisation added in turn; its last two rows are torch.compile with the plain head and with the
+#           chunked linear + cross-entropy, side by side. PASS if it runs and prints all its rows.
+#   train   a 300-step compiled gpt2 run (bf16 autocast, checkpoints every 150 steps, --keep_last 1).
+#           PASS if the final checkpoint is there and the last train loss in log.jsonl is below half the first.
+#   resume  an uninterrupted 40-step run, and the same run sent SIGTERM after a few steps (train_gpt2 saves a
+#           checkpoint and exits cleanly) then continued with --resume auto. PASS if every step's loss and the
+#           final weights agree with the uninterrupted run's: exactly on CPU; on CUDA (fp32, eager, where
+#           attention's backward uses atomics) within 1e-4. Both differences are printed either way.
+# then a summary: GPU, torch version, ms/step, tok/s, MFU and peak memory of the ladder rows, the training run's
+# median tok/s and MFU, and PASS/FAIL per check. The exit status is non-zero if any check failed.
+#
+# Options:   --cpu-smoke        run on CPU with tiny settings (d2, T=32, B=4; the ladder's compile rows run
+#                               eagerly via TORCH_COMPILE_DISABLE=1, the training run is compiled)
+#            --only LIST        run only these checks, comma-separated from ladder,train,resume (others SKIP)
+#            --keep             keep the temporary folder (its path is printed) instead of deleting it
+# Environment: PYTHON (default python), GPU_CHECK_BATCH (ladder and training micro-batch, default 16 on GPU; lower
+#   it on a GPU with less than 80 GiB), GPU_CHECK_PEAK_TFLOPS (for MFU on a GPU missing from train_gpt2's table),
+#   GPU_CHECK_TRAIN_FLAGS (extra train_gpt2.py flags appended to the training run, e.g. "--lr 0" to watch the
+#   loss check fail), GPU_CHECK_BUDGET_S (seconds for the whole script, default 480 on GPU, 300 with --cpu-smoke;
+#   each step is stopped and FAILs once the budget is spent).
+set -euo pipefail
+
+PYTHON=${PYTHON:-python}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
+
+MODE=gpu
+ONLY=ladder,train,resume
+KEEP=0
+while (($#)); do
+    case $1 in
+        --cpu-smoke) MODE=cpu ;;
+        --only) [[ $# -ge 2 ]] || { echo "gpu_check: --only needs a list, e.g. --only train,resume" >&2; exit 2; }
+                ONLY=$2; shift ;;
+        --keep) KEEP=1 ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "gpu_check: unknown option '$1' (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+CHECKS=(ladder train resume)
+for c in ${ONLY//,/ }; do
+    [[ " ${CHECKS[*]} " == *" $c "* ]] || { echo "gpu_check: unknown check '$c' in --only (choose from ${CHECKS[*]})" >&2; exit 2; }
+done
+wanted() { [[ ",$ONLY," == *",$1,"* ]]; }
+
+# ---- settings: the GPU run, and the CPU smoke that walks the same code paths in about a minute
+if [[ $MODE == gpu ]]; then
+    DEVICE=cuda
+    MODEL=gpt2 T=1024 B=${GPU_CHECK_BATCH:-16}
+    PERIOD=1009 TRAIN_TOKENS=1000000 VAL_TOKENS=100000   # two train shards of this size each
+    BENCH_STEPS=10 BENCH_WARMUP=3 LADDER_ENV=()
+    TRAIN_STEPS=300 TRAIN_WARMUP=30 TRAIN_LR=6e-4 TRAIN_DTYPE=auto
+    RESUME_STEPS=40 RESUME_B=$((B / 2 > 0 ? B / 2 : 1)) RESUME_ACCUM=2 RESUME_LR=6e-4 RESUME_TOL=1e-4 RESUME_PEAK=()
+    BUDGET=${GPU_CHECK_BUDGET_S:-480}
+    LADDER_CAP=270 TRAIN_CAP=180 RESUME_CAP=120   # the most seconds one step may take (a hang guard)
+else
+    DEVICE=cpu
+    MODEL=d2 T=32 B=4
+    PERIOD=127 TRAIN_TOKENS=20000 VAL_TOKENS=4000
+    BENCH_STEPS=2 BENCH_WARMUP=1 LADDER_ENV=(TORCH_COMPILE_DISABLE=1)   # inductor on 2 cores: ~15 s a compile
+    TRAIN_STEPS=60 TRAIN_WARMUP=5 TRAIN_LR=3e-3 TRAIN_DTYPE=fp32
+    RESUME_STEPS=16 RESUME_B=4 RESUME_ACCUM=2 RESUME_LR=3e-3 RESUME_TOL=0
+    RESUME_PEAK=(--peak_tflops 1)   # no CPU matmul probe (1.5 s a process) for runs whose MFU is not reported
+    BUDGET=${GPU_CHECK_BUDGET_S:-300}
+    LADDER_CAP=120 TRAIN_CAP=120 RESUME_CAP=60
+fi
+PEAK=()
+[[ -n ${GPU_CHECK_PEAK_TFLOPS:-} ]] && PEAK=(--peak_tflops "$GPU_CHECK_PEAK_TFLOPS")
+read -r -a TRAIN_EXTRA <<< "${GPU_CHECK_TRAIN_FLAGS:-}"
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+cleanup() {
+    if ((KEEP)); then echo "gpu_check: kept $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'echo "gpu_check: interrupted" >&2; exit 130' INT TERM
+DATA=$WORK/data
+
+# ---- helpers. A check runs in a subshell with errexit on; it ends by calling pass or fail, which record its
+# verdict in $WORK/<check>.result; lines for the summary go to $WORK/<check>.info.
+pass() { printf 'PASS\t%s\n' "$1" > "$WORK/$CHECK.result"; exit 0; }
+fail() {
+    printf 'FAIL\t%s\n' "$1" > "$WORK/$CHECK.result"
+    echo "gpu_check: FAIL $CHECK: $1" >&2
+    exit 1
+}
+# verdict FILE: pass or fail with the PASS/FAIL<tab>detail line a Python step wrote to FILE
+verdict() {
+    local v d
+    IFS=$'\t' read -r v d < "$1" || true
+    [[ $v == PASS ]] && pass "$d"
+    fail "${d:-no verdict in $1}"
+}
+
+# seconds a step may run: its cap, or what is left of the budget
+allowance() {
+    local left=$((BUDGET - SECONDS))
+    ((left < $1)) && echo "$left" || echo "$1"
+}
+
+# run_logged CAP LOG CMD...: run CMD (output shown and kept in LOG) under a time limit; fail the check on a timeout
+# or a non-zero exit, naming the step and showing its last lines
+run_logged() {
+    local cap=$1 log=$2 t rc
+    shift 2
+    t=$(allowance "$cap")
+    ((t > 0)) || fail "no time left in the ${BUDGET}s budget for $(basename "$log" .out)"
+    set +e
+    timeout --kill-after=20 "$t" "$@" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    set -e
+    if ((rc == 124 || rc == 137)); then
+        fail "$(basename "$log" .out) timed out after ${t}s (budget ${BUDGET}s for the whole script)"
+    elif ((rc != 0)); then
+        echo "---- last lines of $log ----" >&2
+        tail -n 15 "$log" >&2
+        fail "$(basename "$log" .out) exited with status $rc: $(grep -m1 '^error:' "$log" || tail -n 1 "$log")"
+    fi
+}
+
+run_check() {
+    CHECK=$1
+    echo
+    echo "==== $CHECK ($((SECONDS))s elapsed) ===="
+    set +e
+    (set -e; "check_$CHECK")
+    local rc=$?
+    set -e
+    if [[ ! -s $WORK/$CHECK.result ]]; then
+        printf 'FAIL\t%s\n' "stopped with status $rc before reporting a result (see the output above)" > "$WORK/$CHECK.result"
+    fi
+}
+
+# ---- the checks
+
+make_shards() {
+    "$PYTHON" - "$DATA" "$PERIOD" "$TRAIN_TOKENS" "$VAL_TOKENS" <<'EOF'
+import os, sys
+import numpy as np
+import train_gpt2 as tg
+
+data, period, n_train, n_val = sys.argv[1], *map(int, sys.argv[2:])
+os.makedirs(data, exist_ok=True)
+pattern = np.random.default_rng(0).integers(0, tg.GPT2_VOCAB_SIZE, period, dtype=np.uint16)
+stream = np.resize(pattern, 2 * n_train)  # the pattern over and over, across the shard boundary
+for i, part in enumerate((stream[:n_train], stream[n_train:]), start=1):
+    tg.write_shard(os.path.join(data, f"gpucheck_train_{i:06d}.bin"), part)
+tg.write_shard(os.path.join(data, "gpucheck_val_000000.bin"), np.resize(pattern, n_val))
+assert len(tg.TokenStream(data, "train")) == 2 * n_train and tg.find_shards(data, "val")
+print(f"shards: 2 x {n_train:,} train + {n_val:,} val tokens in {data} (a random {period}-token sequence, repeated)")
+EOF
+}
+
+check_ladder() {
+    run_logged "$LADDER_CAP" "$WORK/ladder.out" env ${LADDER_ENV[@]+"${LADDER_ENV[@]}"} "$PYTHON" -u train_gpt2.py \
+        --benchmark ladder --model "$MODEL" --seq_len "$T" --batch_size "$B" --device "$DEVICE" \
+        --benchmark_steps "$BENCH_STEPS" --benchmark_warmup "$BENCH_WARMUP" --data_dir "$DATA" ${PEAK[@]+"${PEAK[@]}"}
+    "$PYTHON" - "$WORK/ladder.out" "$MODE" "$WORK/ladder.info" > "$WORK/ladder.verdict" <<'EOF' \
+        || fail "reading the ladder's table crashed (see above)"
+import math, sys
+
+out, mode, info = sys.argv[1:4]
+rows, loader = [], ""
+for line in open(out):
+    if line.startswith("loader:"):
+        loader = line.strip()
+    if not line.startswith("| ") or line.startswith("| step |"):
+        continue
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if cells[1].startswith("skipped"):
+        rows.append({"name": cells[0], "skipped": cells[1]})
+    else:
+        rows.append({"name": cells[0], "ms": float(cells[1]), "tok": float(cells[2].replace(",", "")),
+                     "mfu": cells[3], "mem": cells[4]})
+timed = [r for r in rows if "tok" in r]
+compiled = rows[-2:] if len(rows) == 8 else []
+with open(info, "a") as f:
+    for r in rows:
+        if "skipped" in r:
+            f.write(f"  {r['name']:<56} {r['skipped']}\n")
+        else:
+            f.write(f"  {r['name']:<56} {r['ms']:9.1f} ms {r['tok']:>12,.0f} tok/s  MFU {r['mfu']:>6}  {r['mem']:>10}\n")
+    if loader:
+        f.write(f"  {loader}\n")
+    if compiled and all("tok" in r for r in compiled):
+        plain, chunked = compiled
+        note = " (--cpu-smoke: compile disabled, both eager)" if mode == "cpu" else ""
+        f.write(f"  chunked vs plain head, compiled{note}: {chunked['tok'] / plain['tok']:.2f}x tok/s "
+                f"({plain['tok']:,.0f} -> {chunked['tok']:,.0f}), peak memory {plain['mem']} -> {chunked['mem']}\n")
+if len(rows) != 8:
+    print(f"FAIL\tthe ladder printed {len(rows)} rows, expected 8")
+elif not all("tok" in r for r in compiled):
+    print("FAIL\tits last two rows (torch.compile with the plain head, the chunked loss) were not timed")
+elif not all(math.isfinite(r["tok"]) and r["tok"] > 0 for r in timed):
+    print("FAIL\ta row has no positive, finite tok/s")
+else:
+    print(f"PASS\t{len(timed)} of {len(rows)} rows timed; chunked vs plain head: "
+          f"{compiled[1]['tok'] / compiled[0]['tok']:.2f}x tok/s")
+EOF
+    verdict "$WORK/ladder.verdict"
+}
+
+check_train() {
+    local out=$WORK/train
+    run_logged "$TRAIN_CAP" "$WORK/train.out" "$PYTHON" -u train_gpt2.py --model "$MODEL" --seq_len "$T" \
+        --batch_size "$B" --total_batch_size $((B * T)) --max_steps "$TRAIN_STEPS" --warmup_steps "$TRAIN_WARMUP" \
+        --lr "$TRAIN_LR" --dtype "$TRAIN_DTYPE" --compile --device "$DEVICE" --val_every 0 --sample_every 0 \
+        --save_every $((TRAIN_STEPS / 2)) --keep_last 1 --data_dir "$DATA" --out_dir "$out" \
+        ${PEAK[@]+"${PEAK[@]}"} ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"}
+    "$PYTHON" - "$out" "$WORK/train.info" > "$WORK/train.verdict" <<'EOF' || fail "reading the run's log crashed (see above)"
+import json, math, os, statistics, sys
+import torch
+import train_gpt2 as tg
+
+out, info = sys.argv[1], sys.argv[2]
+steps = [r for r in map(json.loads, open(os.path.join(out, "log.jsonl"))) if "train_loss" in r]
+if not steps:
+    sys.exit(print("FAIL\tlog.jsonl has no train_loss records"))
+first, last = steps[0]["train_loss"], steps[-1]["train_loss"]
+timed = steps[max(1, len(steps) // 10):] or steps  # past step 1, which compiles
+mfus = [r["mfu"] for r in timed if r.get("mfu") is not None]
+mfu = f"{100 * statistics.median(mfus):.1f}%" if mfus else "n/a"
+saved = tg.list_checkpoints(out)
+with open(info, "a") as f:
+    f.write(f"  {len(steps)} steps: median {statistics.median(r['tok_per_s'] for r in timed):,.0f} tok/s, MFU {mfu}, "
+            f"{statistics.median(r['dt_ms'] for r in timed):.1f} ms/step over steps {timed[0]['step']}-{timed[-1]['step']}; "
+            f"first step (with the compile) {steps[0]['dt_ms'] / 1000:.1f} s\n")
+    f.write(f"  train loss {first:.4f} -> {last:.4f}; checkpoints left: "
+            f"{', '.join(map(os.path.basename, saved)) or 'none'}\n")
+numbers = f"loss {first:.4f} -> {last:.4f} (must end below half the first: {first / 2:.4f})"
+if not (math.isfinite(first) and math.isfinite(last) and last < first / 2):
+    sys.exit(print(f"FAIL\ttrain loss did not fall: {numbers}"))
+if not saved:
+    sys.exit(print("FAIL\tno checkpoint in the output folder"))
+ckpt = torch.load(saved[-1], map_location="cpu", weights_only=True, mmap=True)
+if len(saved) != 1 or ckpt["step"] != steps[-1]["step"] or ckpt["step"] != ckpt["args"]["max_steps"]:
+    sys.exit(print(f"FAIL\tcheckpoints {[os.path.basename(p) for p in saved]} do not match the {steps[-1]['step']} "
+                   f"steps logged of --max_steps {ckpt['args']['max_steps']} with --keep_last 1"))
+print(f"PASS\t{numbers}; {os.path.basename(saved[-1])} reads back")
+EOF
+    verdict "$WORK/train.verdict"
+}
+
+check_resume() {
+    local full=$WORK/resume_full cut=$WORK/resume_cut t pid n rc saved stopped
+    local run=("$PYTHON" -u train_gpt2.py --model "$MODEL" --seq_len "$T" --batch_size "$RESUME_B"
+               --total_batch_size $((RESUME_B * T * RESUME_ACCUM)) --max_steps "$RESUME_STEPS" --warmup_steps 1
+               --lr "$RESUME_LR" --dtype fp32 --no-compile --device "$DEVICE" --val_every 0 --sample_every 0
+               --save_every 0 --data_dir "$DATA" ${RESUME_PEAK[@]+"${RESUME_PEAK[@]}"})
+    echo "---- uninterrupted: $RESUME_STEPS steps ----"
+    run_logged "$RESUME_CAP" "$WORK/resume_full.out" "${run[@]}" --out_dir "$full"
+
+    echo "---- the same run, sent SIGTERM once it has logged 3 steps ----"
+    t=$(allowance "$RESUME_CAP")
+    ((t > 0)) || fail "no time left in the ${BUDGET}s budget for the interrupted run"
+    "${run[@]}" --out_dir "$cut" > "$WORK/resume_cut.out" 2>&1 &
+    pid=$!
+    trap 'kill -KILL $pid 2>/dev/null || true' EXIT
+    n=0
+    while kill -0 "$pid" 2>/dev/null && ((n < 3 && SECONDS < BUDGET)); do
+        sleep 0.05
+        if [[ -f $cut/log.jsonl ]]; then n=$(wc -l < "$cut/log.jsonl"); fi
+    done
+    kill -TERM "$pid" 2>/dev/null || true
+    local deadline=$((SECONDS + t))
+    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then fail "the interrupted run did not exit within ${t}s of SIGTERM"; fi
+    set +e; wait "$pid"; rc=$?; set -e
+    trap - EXIT
+    cat "$WORK/resume_cut.out"
+    ((rc == 0)) || fail "the run sent SIGTERM exited with status $rc, not 0: $(tail -n 1 "$WORK/resume_cut.out")"
+    grep -q "stopping after SIGTERM" "$WORK/resume_cut.out" \
+        || fail "the run sent SIGTERM did not report 'stopping after SIGTERM' (did it finish all $RESUME_STEPS steps first?)"
+    saved=$(cd "$cut" && ls ckpt_*.pt 2>/dev/null | tr '\n' ' ' || true)
+    [[ $saved =~ ^ckpt_([0-9]{7})\.pt\ $ ]] && ((10#${BASH_REMATCH[1]} < RESUME_STEPS)) \
+        || fail "after SIGTERM expected one checkpoint before step $RESUME_STEPS, found: ${saved:-none}"
+    stopped=$((10#${BASH_REMATCH[1]}))
+
+    echo "---- resumed with --resume auto from step $stopped ----"
+    run_logged "$RESUME_CAP" "$WORK/resume_resumed.out" "${run[@]}" --out_dir "$cut" --resume auto
+    grep -q "resumed from .* at step $stopped\$" "$WORK/resume_resumed.out" \
+        || fail "the resumed run did not report 'resumed from ... at step $stopped'"
+
+    "$PYTHON" - "$full" "$cut" "$RESUME_STEPS" "$stopped" "$RESUME_TOL" "$WORK/resume.info" > "$WORK/resume.verdict" \
+        <<'EOF' || fail "comparing the runs crashed (see above)"
+import json, os, sys
+import torch
+
+full, cut, info = sys.argv[1], sys.argv[2], sys.argv[6]
+steps, stopped, tol = int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+
+
+def losses(out):
+    return {r["step"]: r["train_loss"] for r in map(json.loads, open(os.path.join(out, "log.jsonl"))) if "train_loss" in r}
+
+
+def weights(out):
+    return torch.load(os.path.join(out, f"ckpt_{steps:07d}.pt"), map_location="cpu", weights_only=True, mmap=True)["model"]
+
+
+a, b = losses(full), losses(cut)
+if sorted(a) != list(range(1, steps + 1)) or sorted(b) != sorted(a):
+    sys.exit(print(f"FAIL\tlogged steps differ: uninterrupted {sorted(a)[:1]}..{sorted(a)[-1:]} ({len(a)}), "
+                   f"interrupted + resumed {sorted(b)[:1]}..{sorted(b)[-1:]} ({len(b)})"))
+wa, wb = weights(full), weights(cut)
+if wa.keys() != wb.keys():
+    sys.exit(print("FAIL\tthe final checkpoints hold different tensors"))
+dloss = max(abs(a[s] - b[s]) for s in a)
+dw = max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa)
+exact = dloss == 0 and all(torch.equal(wa[k], wb[k]) for k in wa)
+what = (f"losses at all {steps} steps and final weights identical" if exact
+        else f"max |loss diff| {dloss:.3g}, max |weight diff| {dw:.3g} over {steps} steps (tolerance {tol:g})")
+with open(info, "a") as f:
+    f.write(f"  SIGTERM at step {stopped} of {steps}, then --resume auto: {what}\n")
+ok = exact or (dloss <= tol and dw <= tol)
+print(f"{'PASS' if ok else 'FAIL'}\tstopped at step {stopped} and resumed: {what}")
+EOF
+    verdict "$WORK/resume.verdict"
+}
+
+# ---- preflight: what runs where
+echo "gpu_check: mode $MODE, work folder $WORK, python $(command -v "$PYTHON" || echo "$PYTHON")"
+if ! DEVICE_INFO=$("$PYTHON" - "$MODE" <<'EOF'
+import os, sys
+import torch
+
+if sys.argv[1] == "gpu":
+    if not torch.cuda.is_available():
+        print("torch sees no CUDA GPU (run with --cpu-smoke on a machine without one)")
+        sys.exit(1)
+    p = torch.cuda.get_device_properties(0)
+    print(f"GPU {torch.cuda.get_device_name(0)} ({p.total_memory / 2**30:.0f} GiB, {torch.cuda.device_count()} visible), "
+          f"torch {torch.__version__}, CUDA {torch.version.cuda}")
+else:
+    print(f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads), torch {torch.__version__}")
+EOF
+); then
+    echo "gpu_check: FAIL: $DEVICE_INFO" >&2
+    exit 1
+fi
+echo "gpu_check: $DEVICE_INFO"
+
+CHECK=shards
+make_shards
+
+for c in "${CHECKS[@]}"; do
+    wanted "$c" && run_check "$c"
+done
+
+# ---- summary
+echo
+echo "==================== gpu_check summary ===================="
+echo "device: $DEVICE_INFO"
+echo "mode:   $MODE ($MODEL, T=$T, B=$B), $((SECONDS))s in all"
+for c in "${CHECKS[@]}"; do
+    if [[ -s $WORK/$c.info ]]; then
+        echo "$c:"
+        cat "$WORK/$c.info"
+    fi
+done
+failed=0
+for c in "${CHECKS[@]}"; do
+    if ! wanted "$c"; then
+        printf '%-4s  %-7s %s\n' SKIP "$c" "not in --only $ONLY"
+        continue
+    fi
+    IFS=$'\t' read -r v detail < "$WORK/$c.result"
+    printf '%-4s  %-7s %s\n' "$v" "$c" "$detail"
+    [[ $v == PASS ]] || failed=$((failed + 1))
+done
+if ((failed)); then
+    echo "RESULT: FAIL ($failed of the checks run failed)"
+    exit 1
+fi
+echo "RESULT: PASS"
