@@ -2,12 +2,24 @@
 HellaSwag (validation split, 10,042 examples) for GPT-2-style language models, completion style.
 
 Each example is a context and four candidate endings. For every ending the model scores the tokens of
-" " + ending after the tokens of the context, and we compare
-  acc       the ending with the lowest summed loss over its tokens
-  acc_norm  the ending with the lowest mean loss per token
-against the human label. Reference numbers with this method (full validation set):
-  GPT-2 124M   acc 0.2859  acc_norm 0.2955
-  GPT-2 1558M  acc 0.3842  acc_norm 0.4893
+" " + ending after the tokens of the context, and we compare three picks against the human label:
+  acc             the ending with the lowest summed loss over its tokens
+  acc_norm        the ending with the lowest mean loss per token (llm.c's and build-nanogpt's acc_norm)
+  acc_norm_chars  the ending with the lowest summed loss per character of the ending, counted as a Python string
+                  without the leading space (lm-evaluation-harness's acc_norm: it divides each choice's
+                  log-likelihood by len(choice); on ASCII text characters and UTF-8 bytes are the same count)
+Published numbers for OpenAI's GPT-2, full validation set, as quoted in the docstring of llm.c's
+dev/data/hellaswag.py (also build-nanogpt's hellaswag.py):
+                this scoring, raw ctx         lm-evaluation-harness `hellaswag`, zero-shot
+                acc     acc_norm              acc     acc_norm
+  GPT-2 124M    0.2859  0.2955                0.2892  0.3114
+  GPT-2 1558M   0.3842  0.4893                0.4004  0.5089
+Compare acc_norm with the left column. lm-eval's numbers differ in two ways: the normalisation (acc_norm_chars
+here), and the text: its task prepends the activity label to the context ("Baking cookies: A woman ...
+She ..."), capitalises ctx_b and removes WikiHow's " [title]" and other [bracketed] markers. text="lm_eval"
+(--text lm_eval) makes that same change (lm_eval_text), so that acc and acc_norm_chars are then computed as
+lm-eval computes acc and acc_norm; tests/test_lm_eval.py runs lm-eval itself on both texts and gets the same
+numbers, example by example.
 
 Many examples are scored per forward pass: the 4 rows of each example are right-padded to the longest row of
 the batch. The model is causal, so positions after a row's last real token cannot change any of its scores.
@@ -19,13 +31,14 @@ shorter than GPT-2's 1024 tokens: this matters only for models trained with a sh
 
   python hellaswag_eval.py --checkpoint out/d6/ckpt_0000500.pt
   python hellaswag_eval.py --hf_model path/to/gpt2_dir --limit 1000
+  python hellaswag_eval.py --hf_model path/to/gpt2_dir --text lm_eval      # lm-eval's text
   torchrun --standalone --nproc_per_node 2 hellaswag_eval.py --checkpoint out/d6/ckpt_0000500.pt
   python hellaswag_eval.py --plot out/d6 out/d6_lr2x --png runs.png
 
 Library use (the trainer calls this inside its loop, on every rank):
   examples = load_examples(data_file)              # once
   result = evaluate(model, examples, device, rank=rank, world_size=world_size)
-  result["acc_norm"]
+  result["acc_norm"], result["acc_norm_chars"]
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 import urllib.error
@@ -50,6 +64,7 @@ from train_gpt2 import (EOT_TOKEN, GPT2_VOCAB_SIZE, UserError, atomic_write, get
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 HELLASWAG_FILENAME = "hellaswag_val.jsonl"
 NUM_ENDINGS = 4
+TEXTS = ("raw", "lm_eval")  # the text that is scored: the file's ctx and endings as they are, or lm_eval_text's
 DEFAULT_CONTEXT_LENGTH = 1024  # used when the model does not say how long its context is
 DEFAULT_BATCH_SIZE = 16  # examples per forward pass (4 rows each)
 DOWNLOAD_TIMEOUT_S = 60
@@ -171,6 +186,26 @@ def load_examples(data_file: str | None = None, limit: int | None = None) -> lis
     return _read_jsonl(data_file, limit)
 
 
+def _lm_eval_clean(text: str) -> str:
+    text = text.strip()
+    text = text.replace(" [title]", ". ")  # WikiHow's section markers
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def lm_eval_text(example: dict) -> dict:
+    """The example with the text lm-evaluation-harness's `hellaswag` task scores: ctx becomes
+    activity_label + ": " + ctx_a + " " + ctx_b.capitalize(), and the context and each ending are stripped, have
+    " [title]" replaced by ". ", lose every [bracketed] marker and have double spaces made single. Other fields
+    are kept; ctx_a, ctx_b and activity_label must be present (they are in the official jsonl)."""
+    missing = [k for k in ("activity_label", "ctx_a", "ctx_b") if not isinstance(example.get(k), str)]
+    if missing:
+        raise UserError(f"the lm_eval text needs the string field(s) {', '.join(missing)} of every example")
+    ctx = example["ctx_a"] + " " + example["ctx_b"].capitalize()
+    return dict(example, ctx=_lm_eval_clean(example["activity_label"] + ": " + ctx),
+                endings=[_lm_eval_clean(e) for e in example["endings"]])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # tokenisation and batching
 
@@ -185,12 +220,13 @@ def gpt2_tokenize(example: dict) -> tuple[list[int], list[list[int]]]:
 
 
 class _Item:
-    """One example's token rows: row i = ctx + endings[i]; the model reads row[:-1] and is scored on the ending."""
+    """One example's token rows: row i = ctx + endings[i]; the model reads row[:-1] and is scored on the ending.
+    chars[i]: the length of ending i's text in characters (at least 1), for acc_norm_chars."""
 
-    __slots__ = ("ctx", "endings", "label")
+    __slots__ = ("ctx", "endings", "label", "chars")
 
-    def __init__(self, ctx: list[int], endings: list[list[int]], label: int):
-        self.ctx, self.endings, self.label = ctx, endings, label
+    def __init__(self, ctx: list[int], endings: list[list[int]], label: int, chars: list[int]):
+        self.ctx, self.endings, self.label, self.chars = ctx, endings, label, chars
 
     @property
     def input_len(self) -> int:
@@ -217,7 +253,9 @@ def _prepare(example: dict, index: int, tokenize, max_len: int) -> _Item:
         endings = [e[:max_len] for e in endings]
     if len(ctx) > keep:
         ctx = ctx[-keep:]
-    return _Item(ctx, endings, _parse_label(example.get("label"), f"example {index}"))
+    # lm-eval's length: the choice without the leading space; an empty ending (scored on the space alone) counts 1
+    chars = [max(1, len(e)) for e in example["endings"]]
+    return _Item(ctx, endings, _parse_label(example.get("label"), f"example {index}"), chars)
 
 
 def _plan_batches(items: Sequence[_Item], batch_size: int) -> list[list[int]]:
@@ -302,15 +340,23 @@ def _score_batch(model_fn, items: Sequence[_Item], device, autocast_dtype, vocab
     return sums, sums / mask.sum(dim=1).double().view(-1, NUM_ENDINGS)
 
 
-def _prepare_all(model_fn, examples, tokenize, max_seq_len, batch_size):
+def _prepare_all(model_fn, examples, tokenize, max_seq_len, batch_size, text="raw"):
     if not examples:
         raise ValueError("no HellaSwag examples to evaluate")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     max_len = max_seq_len or context_length(model_fn) or DEFAULT_CONTEXT_LENGTH
     tokenize = tokenize or gpt2_tokenize
+    if text not in TEXTS:
+        raise ValueError(f"text must be one of {', '.join(TEXTS)}, got {text!r}")
+    if text == "lm_eval":
+        examples = [lm_eval_text(ex) for ex in examples]
     items = [_prepare(ex, i, tokenize, max_len) for i, ex in enumerate(examples)]
     return items, _plan_batches(items, batch_size)
+
+
+def _chars(items: Sequence[_Item]) -> torch.Tensor:
+    return torch.tensor([it.chars for it in items], dtype=torch.float64)
 
 
 def score(
@@ -322,15 +368,19 @@ def score(
     max_seq_len: int | None = None,
     tokenize: Callable | None = None,
     vocab_size: int | None = GPT2_VOCAB_SIZE,
+    text: str = "raw",
 ) -> dict:
-    """Per-example scores in one process: {"loss_sum": (n, 4), "loss_mean": (n, 4), "label": (n,)} CPU tensors."""
-    items, batches = _prepare_all(model_fn, examples, tokenize, max_seq_len, batch_size)
+    """Per-example scores in one process, CPU tensors: {"loss_sum": (n, 4), "loss_mean": (n, 4) per token,
+    "loss_per_char": (n, 4) per character of the ending, "label": (n,)}; acc, acc_norm and acc_norm_chars pick
+    the lowest of each row of loss_sum, loss_mean and loss_per_char."""
+    items, batches = _prepare_all(model_fn, examples, tokenize, max_seq_len, batch_size, text)
     loss_sum = torch.empty(len(items), NUM_ENDINGS, dtype=torch.float64)
     loss_mean = torch.empty_like(loss_sum)
     for batch in batches:
         s, m = _score_batch(model_fn, [items[i] for i in batch], device, autocast_dtype, vocab_size)
         loss_sum[batch], loss_mean[batch] = s, m
-    return {"loss_sum": loss_sum, "loss_mean": loss_mean, "label": torch.tensor([it.label for it in items])}
+    return {"loss_sum": loss_sum, "loss_mean": loss_mean, "loss_per_char": loss_sum / _chars(items),
+            "label": torch.tensor([it.label for it in items])}
 
 
 def evaluate(
@@ -345,8 +395,13 @@ def evaluate(
     max_seq_len: int | None = None,
     tokenize: Callable | None = None,
     vocab_size: int | None = GPT2_VOCAB_SIZE,
+    text: str = "raw",
 ) -> dict:
-    """HellaSwag accuracy of `model_fn` on `examples`: {"n", "acc", "acc_norm", "correct", "correct_norm"}.
+    """HellaSwag accuracy of `model_fn` on `examples`: {"n", "acc", "acc_norm", "acc_norm_chars", "correct",
+    "correct_norm", "correct_norm_chars"}.
+
+    acc: lowest summed loss; acc_norm: lowest mean loss per token (llm.c / build-nanogpt); acc_norm_chars: lowest
+    summed loss per character of the ending (lm-evaluation-harness's acc_norm). correct*: the counts behind them.
 
     model_fn(idx) takes a LongTensor (B, T) on `device` and returns logits (B, T, V) with V >= vocab_size (only
     the first vocab_size columns are used); it may also return (logits, loss) or an object with .logits, so a
@@ -357,6 +412,8 @@ def evaluate(
     max_seq_len: the model's context length; None reads it from the model's config (else 1024). Longer inputs
       lose context tokens on the left.
     tokenize(example) -> (ctx_ids, [ending_ids] * 4): defaults to GPT-2 BPE of ctx and " " + ending.
+    text: "raw" scores ctx and endings as they are; "lm_eval" first rewrites them as lm-eval's hellaswag task
+      does (lm_eval_text).
 
     Distributed (world_size > 1, torch.distributed initialised): call on every rank with the same examples and
     batch_size. Batches are dealt round-robin, each rank runs the same number of forward passes (a rank short of
@@ -367,10 +424,10 @@ def evaluate(
         raise ValueError("world_size > 1 needs torch.distributed to be initialised")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
-    items, batches = _prepare_all(model_fn, examples, tokenize, max_seq_len, batch_size)
+    items, batches = _prepare_all(model_fn, examples, tokenize, max_seq_len, batch_size, text)
     mine = batches[rank::world_size]
     passes = math.ceil(len(batches) / world_size)
-    correct = correct_norm = n = 0
+    correct = correct_norm = correct_chars = n = 0
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
@@ -384,6 +441,7 @@ def evaluate(
             n += len(batch)
             correct += int((sums.argmin(dim=1) == labels).sum())
             correct_norm += int((means.argmin(dim=1) == labels).sum())
+            correct_chars += int(((sums / _chars(batch)).argmin(dim=1) == labels).sum())
         else:
             # this rank has run out of batches: run a throw-away forward so every rank does `passes` of them
             _score_batch(model_fn, [items[i] for i in batches[-1]], device, autocast_dtype, vocab_size)
@@ -392,10 +450,11 @@ def evaluate(
     if bar is not None:
         bar.close()
     if world_size > 1:
-        counts = torch.tensor([n, correct, correct_norm], dtype=torch.long, device=device)
+        counts = torch.tensor([n, correct, correct_norm, correct_chars], dtype=torch.long, device=device)
         torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM)
-        n, correct, correct_norm = (int(v) for v in counts.tolist())
-    return {"n": n, "acc": correct / n, "acc_norm": correct_norm / n, "correct": correct, "correct_norm": correct_norm}
+        n, correct, correct_norm, correct_chars = (int(v) for v in counts.tolist())
+    return {"n": n, "acc": correct / n, "acc_norm": correct_norm / n, "acc_norm_chars": correct_chars / n,
+            "correct": correct, "correct_norm": correct_norm, "correct_norm_chars": correct_chars}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -431,7 +490,8 @@ def _hf_tokenizer(name: str, local: bool):
     if local and not any(os.path.exists(os.path.join(name, f)) for f in _TOKENIZER_FILES):
         return None
     try:
-        tok = AutoTokenizer.from_pretrained(name, local_files_only=local)
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=local,
+                                            trust_remote_code=local and _config_model_type(name) == "gpt2_trainer")
     except Exception:  # transformers raises many kinds here (missing files, unknown classes, bad json)
         return None
     if len(tok) < 2:  # an empty placeholder tokenizer
@@ -450,6 +510,14 @@ def _hf_tokenizer(name: str, local: bool):
         return ctx, [list(tok(" " + e, add_special_tokens=False)["input_ids"]) for e in example["endings"]]
 
     return tokenize
+
+
+def _config_model_type(directory: str) -> str | None:
+    try:
+        with open(os.path.join(directory, "config.json")) as f:
+            return json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _load_hf(name: str, device: str):
@@ -471,7 +539,9 @@ def _load_hf(name: str, device: str):
     if not local and (name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)):
         raise UserError(f"--hf_model {name}: no such directory")
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=local)
+        # a custom export of train_gpt2.py carries its model code: trusted only for that model type
+        ours = local and _config_model_type(name) == "gpt2_trainer"
+        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=local, trust_remote_code=ours)
     except (OSError, ValueError, KeyError) as e:
         if local:
             first_line = (str(e).strip().splitlines() or [""])[0]
@@ -630,6 +700,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_file", metavar="PATH",
                    help=f"HellaSwag validation jsonl; default: download once into {default_data_file()}")
     p.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate only the first N examples")
+    p.add_argument("--text", choices=TEXTS, default="raw",
+                   help="raw: score ctx and endings as in the file (llm.c, build-nanogpt); lm_eval: first rewrite "
+                        "them as lm-evaluation-harness's hellaswag task does (activity label, [title] markers)")
     p.add_argument("--batch_size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
                    help=f"examples per forward pass, 4 rows each (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
@@ -697,7 +770,7 @@ def run(args) -> dict:
             model_fn, extra = _load_hf(args.hf_model, device)
         t0 = time.time()
         result = evaluate(model_fn, examples, device, batch_size=args.batch_size, rank=rank, world_size=world_size,
-                          autocast_dtype=dtype, progress=not args.no_progress, **extra)
+                          autocast_dtype=dtype, progress=not args.no_progress, text=args.text, **extra)
         seconds = time.time() - t0
     finally:
         if distributed:
@@ -707,6 +780,7 @@ def run(args) -> dict:
         examples_per_s=round(result["n"] / seconds, 2) if seconds > 0 else None,
         model=args.checkpoint or args.hf_model,
         data_file=args.data_file or default_data_file(),
+        text=args.text,
         device=str(device),
         dtype=str(dtype).replace("torch.", ""),
         batch_size=args.batch_size,
@@ -714,7 +788,8 @@ def run(args) -> dict:
     )
     if rank == 0:
         print(f"hellaswag n={result['n']} acc={result['acc']:.4f} acc_norm={result['acc_norm']:.4f} "
-              f"seconds={seconds:.1f} examples/s={result['examples_per_s']}")
+              f"acc_norm_chars={result['acc_norm_chars']:.4f} seconds={seconds:.1f} "
+              f"examples/s={result['examples_per_s']}")
         if args.out:
             _write_json_atomic(args.out, result)
     return result

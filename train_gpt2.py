@@ -14,6 +14,7 @@ import argparse
 import copy
 import functools
 import glob
+import inspect
 import json
 import math
 import os
@@ -620,23 +621,17 @@ class GPT(nn.Module):
 
 
 def hf_layout(config: GPTConfig) -> str:
-    """The Hugging Face architecture that computes exactly what `config` does: 'gpt2' or 'llama'."""
-    speedrun = [flag for flag, on in (("--qk_norm", config.qk_norm), ("--embed_norm", config.embed_norm),
-                                      ("--x0_lambdas", config.x0_lambdas), ("--logit_softcap", config.logit_softcap),
-                                      ("--mlp relu2", config.mlp == "relu2")) if on]
+    """The Hugging Face architecture that computes exactly what `config` does: 'gpt2' or 'llama' where one does
+    (they load anywhere), else 'custom': this file's own model, shipped as code in the export (trust_remote_code)."""
+    speedrun = config.qk_norm or config.embed_norm or config.x0_lambdas or config.logit_softcap or config.mlp == "relu2"
     if speedrun:
-        raise UserError(f"this model uses {' '.join(speedrun)}, which neither the GPT-2 nor the Llama layout of "
-                        "Hugging Face computes; it cannot be exported yet")
+        return "custom"
     if (config.norm, config.pos, config.mlp, config.bias, config.n_kv_head) == (
             "layernorm", "learned", "gelu", True, config.n_head):
         return "gpt2"
     if (config.norm, config.pos, config.mlp, config.bias) == ("rmsnorm", "rope", "swiglu", False):
         return "llama"
-    raise UserError(
-        f"this model (--norm {config.norm} --pos {config.pos} --mlp {config.mlp} --{'' if config.bias else 'no-'}bias "
-        f"--n_kv_head {config.n_kv_head}) has no Hugging Face layout; exportable mixes are GPT-2 (--norm layernorm "
-        "--pos learned --mlp gelu --bias, n_kv_head = n_head) and Llama (--norm rmsnorm --pos rope --mlp swiglu "
-        "--no-bias, any --n_kv_head)")
+    return "custom"
 
 
 def hf_weight_map(config: GPTConfig) -> list[tuple[str, str, slice | None, bool]]:
@@ -1430,10 +1425,88 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
             f.write(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
 
 
+HF_REMOTE_MODULE = "modeling_gpt2_trainer"  # the code file of a custom export
+# Its transformers side: a config that keeps our GPTConfig's fields whole, and a causal-LM wrapper around GPT.
+HF_REMOTE_WRAPPER = """
+class GPTTrainerConfig(PretrainedConfig):
+    model_type = "gpt2_trainer"
+
+    def __init__(self, gpt_config: dict | None = None, **kwargs):
+        self.gpt_config = dict(gpt_config or {})
+        self.num_hidden_layers = self.gpt_config.get("n_layer", 0)  # what generate() sizes its caches by
+        kwargs.setdefault("use_cache", False)  # nothing to cache: each step reruns the window
+        super().__init__(**kwargs)
+
+
+class GPTTrainerForCausalLM(PreTrainedModel, GenerationMixin):
+    \"\"\"GPT under transformers: logits over the real vocabulary (the padding ids cut off), HF's shifted-label loss.
+    No KV cache: generation recomputes the last block_size tokens each step. attention_mask is ignored, which is
+    exact for right padding (a causal model's real positions never see the pads), not for left padding.\"\"\"
+    config_class = GPTTrainerConfig
+    base_model_prefix = "gpt"
+    _no_split_modules = ["Block"]
+
+    def __init__(self, config: GPTTrainerConfig):
+        super().__init__(config)
+        self.gpt = GPT(GPTConfig(**config.gpt_config))
+        self.post_init()
+
+    def _init_weights(self, module):
+        # from_pretrained loads every saved weight but leaves the tables that are not saved empty: compute them
+        if isinstance(module, Rotary):
+            half = module.cos.size(1)
+            fresh = Rotary(2 * half, module.cos.size(0), self.gpt.config.rope_theta)
+            module.cos.copy_(fresh.cos)
+            module.sin.copy_(fresh.sin)
+        elif isinstance(module, GPT):
+            module.vocab_mask.zero_()
+            module.vocab_mask[module.config.vocab_size:] = float("-inf")
+
+    def get_input_embeddings(self):
+        return self.gpt.transformer.wte
+
+    def get_output_embeddings(self):
+        return self.gpt.lm_head
+
+    def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
+        logits, _ = self.gpt(input_ids[:, -self.gpt.config.block_size:])
+        logits = logits[..., :self.config.vocab_size]
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        return {"input_ids": input_ids}
+"""
+
+
+def hf_remote_code() -> str:
+    """modeling_gpt2_trainer.py of a custom export: this file's config and model code, verbatim (so the export
+    computes what we compute and needs nothing of this repository), then the wrapper."""
+    header = (f'"""GPT from gpt2-trainer\'s train_gpt2.py (config and model sections) as a transformers model, loaded '
+              'with trust_remote_code=True. GPT.from_pretrained belongs to the trainer and does not work here."""\n\n'
+              "from __future__ import annotations\n\nimport copy\nimport math\nfrom dataclasses import dataclass\n\n"
+              "import torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n"
+              "from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel\n"
+              "from transformers.modeling_outputs import CausalLMOutputWithPast\n\n"
+              f"GPT2_VOCAB_SIZE = {GPT2_VOCAB_SIZE}\nLOSS_CHUNK_ROWS = {LOSS_CHUNK_ROWS}\n"
+              f"LOSS_CHUNK_ROWS_CPU = {LOSS_CHUNK_ROWS_CPU}\n\n")
+    model_code = [GPTConfig, make_norm, make_dropout, Rotary, apply_rotary, KVCache, CausalSelfAttention, ReLU2, MLP,
+                  SwiGLU, Block, Int8Linear, softcap, xent_chunk, xent_chunk_traced, ChunkedCrossEntropy, GPT]
+    return header + "\n\n".join(inspect.getsource(obj) for obj in model_code) + "\n" + HF_REMOTE_WRAPPER
+
+
 def hf_config(config: GPTConfig) -> dict:
     """config.json for the Hugging Face layout of `config` (see hf_layout)."""
     common = {"vocab_size": config.vocab_size, "bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN,
               "tie_word_embeddings": config.tie_embeddings}
+    if hf_layout(config) == "custom":
+        auto = {"AutoConfig": f"{HF_REMOTE_MODULE}.GPTTrainerConfig",
+                "AutoModelForCausalLM": f"{HF_REMOTE_MODULE}.GPTTrainerForCausalLM"}
+        return {"architectures": ["GPTTrainerForCausalLM"], "model_type": "gpt2_trainer", "auto_map": auto,
+                "gpt_config": asdict(config), "max_position_embeddings": config.block_size, "use_cache": False,
+                **common}
     if hf_layout(config) == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_positions": config.block_size,
                 "n_ctx": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer,
@@ -1456,11 +1529,14 @@ def export_hf(model: GPT, out_dir: str) -> str:
         raise UserError(f"--export_hf '{out_dir}' already exists and is not an empty directory; choose a new one")
     sd = model.state_dict()
     tensors = {}
-    for hf_name, name, rows, transposed in hf_weight_map(model.config):
+    if layout == "custom":  # our own names under the wrapper's `gpt`; a tied matrix under both of its names
+        tensors = {f"gpt.{name}": t for name, t in sd.items()}
+    for hf_name, name, rows, transposed in hf_weight_map(model.config) if layout != "custom" else []:
         w = sd[name] if rows is None else sd[name][rows]
         tensors[hf_name] = w.t() if transposed else w
     files = {
         "config.json": json.dumps(hf_config(model.config), indent=2),
+        **({f"{HF_REMOTE_MODULE}.py": hf_remote_code()} if layout == "custom" else {}),
         "generation_config.json": json.dumps({"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN}),
         "tokenizer_config.json": json.dumps({
             "tokenizer_class": "GPT2Tokenizer", "model_max_length": model.config.block_size,
@@ -1712,6 +1788,52 @@ def shard_model(model: GPT, device: torch.device, world_size: int) -> None:
     fully_shard(model, mesh=mesh)
 
 
+class Trackers:
+    """The run's log.jsonl mirrored, record for record with the same keys, into TensorBoard event files under
+    out_dir/tensorboard (--tensorboard) and a W&B run (--wandb PROJECT), each with the arguments and config once.
+    Made on rank 0 only. A resumed run logs into the same W&B run (its id is in the checkpoint), and TensorBoard
+    hides the events of the steps it redoes, so neither shows a step twice."""
+
+    def __init__(self, args: argparse.Namespace, config: GPTConfig, step: int, wandb_id: str | None):
+        self.tensorboard = self.wandb = None
+        self.wandb_id = wandb_id
+        settings = {"args": {k: v for k, v in vars(args).items() if k != "explicit"}, "config": asdict(config)}
+        if args.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            # purge_step: readers drop the old events from this step on, the ones the resumed run writes again
+            self.tensorboard = SummaryWriter(os.path.join(args.out_dir, "tensorboard"),
+                                             purge_step=step + 1 if step else None)
+            if not step:
+                for name, values in settings.items():
+                    self.tensorboard.add_text(name, f"```\n{json.dumps(values, indent=1)}\n```", 0)
+        if args.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--wandb needs the wandb package: pip install wandb") from None
+            self.wandb_id = wandb_id or os.urandom(6).hex()  # a new run's id; the checkpoint keeps it
+            self.wandb = wandb.init(project=args.wandb, id=self.wandb_id, resume="allow", dir=args.out_dir,
+                                    config=settings)
+
+    def log(self, record: dict) -> None:
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, record["step"])
+            self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
 def train(args: argparse.Namespace) -> None:
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -1820,10 +1942,13 @@ def train(args: argparse.Namespace) -> None:
                    + (", shuffled every epoch" if args.shuffle else "")
                    + f"; {skipped:,} train tokens ({100 * skipped / len(train_loader.stream):.1f}%) skipped")
 
+    trackers = Trackers(args, config, step, ckpt.get("wandb_id") if ckpt else None) if master else None
+
     def log(record: dict) -> None:
         if master:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            trackers.log(record)
 
     def evaluate(record: dict) -> None:
         """Validation loss, HellaSwag and a sample, as the flags ask; every rank takes part."""
@@ -1839,8 +1964,10 @@ def train(args: argparse.Namespace) -> None:
             # eager model: the ragged HellaSwag batches would make a compiled graph recompile for every shape
             result = hellaswag_eval.evaluate(model, hellaswag_examples, device,
                                              rank=rank, world_size=world_size, autocast_dtype=dtype)
-            record["hellaswag_acc_norm"] = result["acc_norm"]
-            print0(f"step {step:5d} | hellaswag acc_norm {result['acc_norm']:.4f} over {result['n']} examples")
+            record["hellaswag_acc_norm"] = result["acc_norm"]  # per token, as llm.c reports it
+            record["hellaswag_acc_norm_chars"] = result["acc_norm_chars"]  # per character, as lm-eval does
+            print0(f"step {step:5d} | hellaswag acc_norm {result['acc_norm']:.4f} "
+                   f"acc_norm_chars {result['acc_norm_chars']:.4f} over {result['n']} examples")
         fast_model.train()
         if args.sample_every and step > 0 and (step % args.sample_every == 0 or last):
             text = sample_text(model, args.prompt, args.sample_tokens, args.top_k, args.seed + rank, device, amp_ctx)
@@ -1870,7 +1997,7 @@ def train(args: argparse.Namespace) -> None:
                     torch.save({
                         "model": model_state, "optimizer": optimizer_states,
                         "scaler": scaler.state_dict(), "step": step, "loader": train_loader.state_dict(),
-                        "rng": rngs, "config": asdict(config), "args": vars(args),
+                        "rng": rngs, "config": asdict(config), "args": vars(args), "wandb_id": trackers.wandb_id,
                     }, f)
             except OSError as e:
                 raise UserError(f"could not write {path} ({e.strerror or e}); the earlier checkpoints are intact: "
@@ -1962,6 +2089,8 @@ def train(args: argparse.Namespace) -> None:
                 break
     finally:
         preempted.restore()
+        if trackers is not None:
+            trackers.close()
 
     if distributed:
         dist.destroy_process_group()
@@ -2223,6 +2352,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--prompt", default="Hello, I'm a language model,", help="text the samples continue")
     g.add_argument("--sample_tokens", type=int, default=32, help="tokens per sample")
     g.add_argument("--top_k", type=int, default=50, help="sample from the k most likely tokens")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write every log.jsonl record as TensorBoard scalars under OUT_DIR/tensorboard")
+    g.add_argument("--wandb", metavar="PROJECT", default=None,
+                   help="also log every log.jsonl record to this W&B project (WANDB_MODE=offline: no network)")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--out_dir", default="out", help="checkpoints (ckpt_<step>.pt) and log.jsonl go here")
     g.add_argument("--save_every", type=int, default=1000,

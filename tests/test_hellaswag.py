@@ -332,6 +332,82 @@ def test_model_output_forms_are_accepted():
         H.evaluate(model, [], autocast_dtype=FP32)
 
 
+def uniform_logits(idx):
+    """Every token costs ln(50257): an ending's summed loss is its token count times ln(50257)."""
+    return torch.zeros(*idx.shape, V)
+
+
+def test_acc_norm_chars_divides_by_the_characters_of_the_ending():
+    """lm-eval's acc_norm divides by len(ending): characters, not UTF-8 bytes, and not the leading space."""
+    endings = ["très bien", "délicieux, vraiment délicieux", "ok", "résumé"]
+    n_tok = [len(enc().encode_ordinary(" " + e)) for e in endings]
+    lengths = {"chars": [len(e) for e in endings], "bytes": [len(e.encode("utf-8")) for e in endings],
+               "with the space": [len(e) + 1 for e in endings]}
+    picks = {name: min(range(4), key=lambda i: n_tok[i] / ls[i]) for name, ls in lengths.items()}
+    assert len(set(picks.values())) == 3  # the three conventions choose three different endings here
+    example = {"ctx": "The chef tasted the soup and said it was", "endings": endings, "label": picks["chars"]}
+    got = H.score(uniform_logits, [example], autocast_dtype=FP32)
+    expected = torch.tensor([[t * math.log(V) / c for t, c in zip(n_tok, lengths["chars"])]], dtype=torch.float64)
+    torch.testing.assert_close(got["loss_per_char"], expected, rtol=1e-5, atol=0)
+    result = H.evaluate(uniform_logits, [example], autocast_dtype=FP32)
+    assert (result["acc_norm_chars"], result["correct_norm_chars"]) == (1.0, 1)
+    for name in ("bytes", "with the space"):
+        wrong = dict(example, label=picks[name])
+        assert H.evaluate(uniform_logits, [wrong], autocast_dtype=FP32)["acc_norm_chars"] == 0.0, name
+    assert n_tok.index(min(n_tok)) != picks["chars"] and result["acc"] == 0.0  # acc: the fewest tokens
+
+
+def test_acc_norm_chars_of_a_small_model_follows_its_scores():
+    model = tiny_gpt(seed=9)
+    examples = H.load_examples(SAMPLE)
+    ref_sum, _ = reference_scores(model, examples)
+    per_char = ref_sum / torch.tensor([[len(e) for e in ex["endings"]] for ex in examples], dtype=torch.float64)
+    got = H.score(model, examples, batch_size=5, autocast_dtype=FP32)
+    torch.testing.assert_close(got["loss_per_char"], per_char, rtol=0, atol=2e-5)
+    result = H.evaluate(model, examples, batch_size=5, autocast_dtype=FP32)
+    labels = [ex["label"] for ex in examples]
+    assert result["acc_norm_chars"] == accuracy(per_char, labels) == result["correct_norm_chars"] / len(examples)
+
+
+def test_lm_eval_text_rewrites_the_example_as_lm_eval_hellaswag_does():
+    examples = H.load_examples(SAMPLE)
+    first, wikihow = H.lm_eval_text(examples[0]), H.lm_eval_text(examples[3])
+    assert first["ctx"] == "Baking cookies: A woman stands at a kitchen counter with a bowl of flour and a tray. She"
+    assert first["endings"] == examples[0]["endings"]
+    assert {k: v for k, v in first.items() if k not in ("ctx", "endings")} == \
+        {k: v for k, v in examples[0].items() if k not in ("ctx", "endings")}
+    # " [title]" becomes ". ", other [markers] go, double spaces are made single; an ending that starts with
+    # "[title]" keeps the space that followed the marker, as in lm-eval
+    assert wikihow["ctx"] == ("Home and Garden: How to repot a houseplant. Choose a slightly larger pot. "
+                              "The new pot should be one or two inches wider than the old one.")
+    assert wikihow["endings"][1] == " Paint the plant. Use bright colors."
+    assert H.lm_eval_text({"activity_label": "Fishing", "ctx_a": "A man casts.", "ctx_b": "the LINE",
+                           "endings": ["a", "b", "c", "d"]})["ctx"] == "Fishing: A man casts. The line"
+    with pytest.raises(UserError, match="ctx_a"):
+        H.lm_eval_text({"ctx": "x", "endings": ["a", "b", "c", "d"], "label": 0})
+    with pytest.raises(ValueError, match="text must be one of"):
+        H.evaluate(uniform_logits, examples, text="lm-eval")
+
+
+def test_cli_text_lm_eval_and_the_printed_line(checkpoint, tmp_path, capsys):
+    path, model = checkpoint
+    out = tmp_path / "lm_eval_text.json"
+    assert H.main(["--checkpoint", path, "--data_file", SAMPLE, "--dtype", "fp32", "--text", "lm_eval",
+                   "--no_progress", "--out", str(out)]) == 0
+    stdout, _ = capsys.readouterr()
+    examples = H.load_examples(SAMPLE)
+    expected = H.evaluate(model, [H.lm_eval_text(ex) for ex in examples], autocast_dtype=FP32)
+    assert H.evaluate(model, examples, autocast_dtype=FP32, text="lm_eval") == expected
+    saved = json.loads(out.read_text())
+    assert {k: saved[k] for k in expected} == expected and saved["text"] == "lm_eval"
+    assert (f"acc={expected['acc']:.4f} acc_norm={expected['acc_norm']:.4f} "
+            f"acc_norm_chars={expected['acc_norm_chars']:.4f} ") in stdout
+    stripped = tmp_path / "stripped.jsonl"
+    write_jsonl(stripped, [{k: v for k, v in r.items() if k != "ctx_b"} for r in raw_records()])
+    assert "ctx_b" in _one_line_error(capsys, ["--checkpoint", path, "--data_file", str(stripped), "--text", "lm_eval"])
+    assert "invalid choice" in _one_line_error(capsys, ["--checkpoint", path, "--text", "lm-eval"])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # distributed: 2 gloo processes equal 1 process exactly
 

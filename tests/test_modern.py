@@ -764,14 +764,22 @@ def test_exported_tokenizer_encodes_like_tiktoken(exports):
     (dict(LLAMA_STYLE, bias=True), "--mlp swiglu --bias"),
     (dict(LLAMA_STYLE, mlp="gelu"), "--mlp gelu --no-bias"),
 ], ids=["rmsnorm_learned", "classic_no_bias", "gpt2_gqa", "rope_gelu", "llama_bias", "llama_gelu"])
-def test_mixes_without_a_hugging_face_layout_are_refused(overrides, flags, tmp_path):
-    model = tg.GPT(small_config(**overrides))
-    with pytest.raises(tg.UserError) as e:
-        tg.hf_layout(model.config)
-    assert flags in str(e.value)
-    with pytest.raises(tg.UserError, match=flags):
-        tg.export_hf(model, str(tmp_path / "out"))
-    assert os.listdir(tmp_path) == []
+def test_mixes_without_a_hugging_face_layout_export_with_their_own_code(overrides, flags, tmp_path):
+    """Neither GPT-2 nor Llama computes these mixes: the export ships our model code (trust_remote_code), and
+    transformers' model from it gives our logits."""
+    transformers = quiet_transformers()
+    model = gpt2_vocab_model(seed=47, **overrides)
+    assert tg.hf_layout(model.config) == "custom"
+    assert tg.export_hf(model, str(tmp_path / "out")) == "custom"
+    assert set(os.listdir(tmp_path / "out")) == EXPORT_FILES | {f"{tg.HF_REMOTE_MODULE}.py"}
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), trust_remote_code=True,
+                                                                 output_loading_info=True)
+    assert not any(info.values())
+    idx = tokens((2, 32), seed=48, high=GPT2_V)
+    with torch.no_grad():
+        ref = hf.float().eval()(idx).logits
+        ours, _ = model(idx)
+    assert (ours[..., :GPT2_V] - ref).abs().max().item() <= 1e-4 and ref.std().item() > 0.5
 
 
 def test_existing_directory_is_refused_and_left_alone(tmp_path):
@@ -815,7 +823,10 @@ def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------------------------
 # command lines: export a training checkpoint, then score it on HellaSwag both ways
 
-CLI_MODELS = {"classic": {}, "llama": dict(LLAMA_STYLE, n_kv_head=2, tie_embeddings=False)}
+CLI_MODELS = {"classic": {}, "llama": dict(LLAMA_STYLE, n_kv_head=2, tie_embeddings=False),
+              "speedrun": dict(norm="rmsnorm", pos="rope", mlp="relu2", bias=False, qk_norm=True, embed_norm=True,
+                               x0_lambdas=True, logit_softcap=15.0, tie_embeddings=False)}
+CLI_LAYOUTS = {"classic": "gpt2", "llama": "llama", "speedrun": "custom"}
 
 
 def run_exports(jobs: dict) -> dict:
@@ -877,12 +888,13 @@ def test_cli_export_of_a_checkpoint_loads_in_transformers(name, cli_runs):
     r = cli_runs[name]
     proc = r["export"]
     assert proc.returncode == 0, proc.stderr[-3000:]
-    layout = "gpt2" if name == "classic" else "llama"
+    layout = CLI_LAYOUTS[name]
     assert f"as a Hugging Face {layout} model" in proc.stdout
-    assert set(os.listdir(r["dir"])) == EXPORT_FILES
+    code = {f"{tg.HF_REMOTE_MODULE}.py"} if layout == "custom" else set()
+    assert set(os.listdir(r["dir"])) == EXPORT_FILES | code
     # nothing but the checkpoints and the exported directories (no temporary directory left)
     assert r["listing"] == sorted([f"{n}.pt" for n in CLI_MODELS] + [f"{n}_hf" for n in CLI_MODELS])
-    hf = transformers.AutoModelForCausalLM.from_pretrained(r["dir"]).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(r["dir"], trust_remote_code=layout == "custom").eval()
     model = tg.load_checkpoint_model(r["ckpt"])
     idx = tokens((1, 64), seed=51, high=GPT2_V)
     with torch.no_grad():
@@ -917,7 +929,7 @@ def test_hellaswag_scores_checkpoint_and_export_alike(name, cli_runs):
     assert {k: from_hf[k] for k in keys} == {k: from_ckpt[k] for k in keys}
     # example by example, straight from the models: every ending's loss under the saved model and under the model
     # Hugging Face loads from the export agree, hence every prediction, and the counts follow from them
-    hf = transformers.AutoModelForCausalLM.from_pretrained(r["dir"]).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(r["dir"], trust_remote_code=name == "speedrun").eval()
     ours = H.score(r["model"], examples, batch_size=4, autocast_dtype=torch.float32)
     theirs = H.score(lambda idx: hf(input_ids=idx).logits, examples, batch_size=4, autocast_dtype=torch.float32,
                      max_seq_len=H.context_length(hf))
@@ -933,7 +945,7 @@ def test_hellaswag_scores_checkpoint_and_export_alike(name, cli_runs):
     assert from_ckpt["acc"] == from_ckpt["correct"] / 13 and from_ckpt["acc_norm"] == from_ckpt["correct_norm"] / 13
 
 
-def test_cli_export_refuses_an_occupied_directory_and_unexportable_checkpoints(tmp_path, capsys):
+def test_cli_export_refuses_an_occupied_directory_or_a_file_in_the_way(tmp_path, capsys):
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("x")
@@ -942,15 +954,12 @@ def test_cli_export_refuses_an_occupied_directory_and_unexportable_checkpoints(t
     ckpt = str(tmp_path / "classic.pt")
     torch.save({"model": model.state_dict(), "config": asdict(model.config)}, ckpt)
     cases.append((ckpt, str(occupied), "already exists"))
-    odd = tg.GPT(small_config(norm="rmsnorm", pos="rope"))  # rmsnorm + rope + gelu + biases: neither layout
-    odd_ckpt = str(tmp_path / "odd.pt")
-    torch.save({"model": odd.state_dict(), "config": asdict(odd.config)}, odd_ckpt)
-    cases.append((odd_ckpt, str(tmp_path / "odd_hf"), "--norm rmsnorm --pos rope --mlp gelu --bias"))
+    cases.append((ckpt, str(tmp_path / "classic.pt"), "already exists"))  # a file in the way
     for path, out_dir, message in cases:
         with pytest.raises(SystemExit) as e:
             tg.main(["--resume", path, "--export_hf", out_dir])
         assert e.value.code == 2
         out, err = capsys.readouterr()
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
-    assert sorted(os.listdir(tmp_path)) == ["classic.pt", "occupied", "odd.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["classic.pt", "occupied"]
     assert os.listdir(occupied) == ["keep.txt"]

@@ -157,10 +157,50 @@ def test_zero_init_starts_every_block_as_the_identity_and_the_head_uniform():
     assert model.transformer.h[0].mlp.c_proj.weight.grad.abs().max() > 0
 
 
-def test_speedrun_options_are_refused_by_export(tmp_path):
-    with pytest.raises(tg.UserError, match="--qk_norm --logit_softcap"):
-        tg.export_hf(small(qk_norm=True, logit_softcap=15.0), str(tmp_path / "hf"))
-    assert not (tmp_path / "hf").exists()
+LOAD_EXPORT = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+directory, inputs, out = sys.argv[1:]
+assert not any("train_gpt2" in name for name in sys.modules)
+hf, info = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, output_loading_info=True)
+hf = hf.float().eval()
+idx, prompt = torch.load(inputs)
+with torch.no_grad():
+    logits = hf(idx).logits
+greedy = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=50256)
+torch.save({"logits": logits, "greedy": greedy, "class": type(hf).__name__,
+            "problems": [k for k, v in info.items() if v]}, out)
+"""
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["recipe-untied", "tied"])
+def test_speedrun_models_export_with_their_own_modeling_code(tmp_path, tied):
+    """Every speedrun option (and a softcap) in a model no Hugging Face layout computes: the export ships our model
+    code, and a fresh interpreter that cannot import this repository loads it offline with trust_remote_code; its
+    logits equal ours (fp32, 1e-4) and its greedy generate() continues a prompt with our sampler's tokens."""
+    pytest.importorskip("transformers")
+    model = randomize(small(norm="rmsnorm", pos="rope", mlp="relu2", bias=False, qk_norm=True, embed_norm=True,
+                            x0_lambdas=True, logit_softcap=15.0, tie_embeddings=tied), std=0.1)
+    assert tg.hf_layout(model.config) == "custom"
+    directory = tmp_path / "hf"
+    assert tg.export_hf(model, str(directory)) == "custom"
+    code = (directory / f"{tg.HF_REMOTE_MODULE}.py").read_text()
+    assert "train_gpt2" not in code.replace("train_gpt2.py", "")  # named in the docstring, never imported
+    idx, prompt = tokens((2, 40), seed=3), tokens((1, 6), seed=4)
+    torch.save((idx, prompt), tmp_path / "inputs.pt")
+    (tmp_path / "load.py").write_text(LOAD_EXPORT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    subprocess.run([sys.executable, "load.py", str(directory), "inputs.pt", "out.pt"], cwd=tmp_path, env=env,
+                   check=True, capture_output=True, timeout=300)
+    out = torch.load(tmp_path / "out.pt")
+    assert out["class"] == "GPTTrainerForCausalLM" and out["problems"] == []
+    with torch.no_grad():
+        ours, _ = model(idx)
+    assert out["logits"].shape == (2, 40, tg.GPT2_VOCAB_SIZE)
+    assert (out["logits"] - ours[..., :tg.GPT2_VOCAB_SIZE]).abs().max().item() <= 1e-4
+    assert out["logits"].std().item() > 0.5
+    assert torch.equal(out["greedy"], model.generate(prompt, 12, top_k=1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
