@@ -368,12 +368,15 @@ def softcap(z: torch.Tensor, cap: float) -> torch.Tensor:
 
 def xent_chunk(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                cap: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One chunk's loss, sum(scale * cross-entropy), and its gradient w.r.t. the logits, in the logits' dtype.
-    Eagerly each op is a pass over the (rows x vocabulary) chunk, so they run in place on one fp32 copy."""
+    """One chunk's loss, sum(scale * cross-entropy) of softcap(logits) + bias (the padding mask), and its gradient
+    w.r.t. the logits, in the logits' dtype. Eagerly each op is a pass over the (rows x vocabulary) chunk, so they
+    run in place on one fp32 copy."""
     z = logits.float()
     if cap:
         tanh = z.div_(cap).tanh_()
         z = torch.add(bias, tanh, alpha=cap)
+    else:
+        z += bias
     lse = torch.logsumexp(z, dim=-1)
     target = targets.clamp(min=0).unsqueeze(1)
     loss = ((lse - z.gather(1, target).squeeze(1)) * scale).sum()
@@ -393,7 +396,8 @@ def xent_chunk_traced(logits: torch.Tensor, targets: torch.Tensor, scale: torch.
     z = logits.float()
     if cap:
         tanh = torch.tanh(z / cap)
-        z = cap * tanh + bias
+        z = cap * tanh
+    z = z + bias
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
     loss = ((lse - z.gather(1, targets.clamp(min=0).unsqueeze(1))).squeeze(1) * scale).sum()
     onehot = targets.unsqueeze(1) == torch.arange(z.size(1), device=z.device)  # no column matches an ignored -1
@@ -423,11 +427,12 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         ctx.weight_dtype = weight.dtype
         # the head in the matmul dtype once, not once per chunk
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        weight, bias = weight.to(dtype), bias.to(dtype)
+        weight, bias32 = weight.to(dtype), bias.float()
         for start in range(0, x.size(0), rows):
             xc = x[start:start + rows].to(dtype)
-            logits = F.linear(xc, weight) if cap else F.linear(xc, weight, bias)
-            loss_c, grad = chunk(logits, targets[start:start + rows], scale[start:start + rows], bias.float(), cap)
+            # the mask is added inside the kernel: as a matmul bias it would cost a copy of the whole chunk
+            logits = F.linear(xc, weight)
+            loss_c, grad = chunk(logits, targets[start:start + rows], scale[start:start + rows], bias32, cap)
             loss = loss + loss_c
             if with_grad:
                 grad_x[start:start + rows] = grad @ weight

@@ -71,9 +71,14 @@ TASKS = {"hellaswag_local": "raw", "hellaswag_local_lm_eval_text": "lm_eval"}  #
 README_DATA_FILE = "/absolute/path/to/hellaswag_val.jsonl"
 
 
-def cli_args(model_dir, task_dir, out_dir) -> list[str]:
+def model_args(model_dir, custom=False) -> str:
+    """The hf backend's arguments; an export with its own model code needs trust_remote_code, as the README says."""
+    return f"pretrained={model_dir},dtype=float32" + (",trust_remote_code=True" if custom else "")
+
+
+def cli_args(model_dir, task_dir, out_dir, custom=False) -> list[str]:
     """`lm_eval run`'s arguments: the README's command, and the command line equivalent of SIMPLE_EVALUATE."""
-    return ["run", "--model", "hf", "--model_args", f"pretrained={model_dir},dtype=float32", "--include_path",
+    return ["run", "--model", "hf", "--model_args", model_args(model_dir, custom), "--include_path",
             str(task_dir), "--tasks", "hellaswag_local", "--device", "cpu", "--batch_size", "8",
             "--output_path", str(out_dir)]
 
@@ -84,11 +89,11 @@ import json, sys
 import lm_eval
 from lm_eval.tasks import TaskManager
 
-model_dir, task_dir, out = sys.argv[1:4]
-tasks = json.loads(sys.argv[4])
+model_dir, task_dir, out, model_args = sys.argv[1:5]
+tasks = json.loads(sys.argv[5])
 # the command line's TaskManager also indexes lm-eval's ~15,000 built-in tasks (seconds); the result is the same
 manager = TaskManager(include_path=task_dir, include_defaults=False)
-r = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=float32", tasks=tasks,
+r = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=tasks,
                            task_manager=manager, batch_size=8, device="cpu", log_samples=True, bootstrap_iters=0)
 saved = {}
 for task in tasks:
@@ -121,16 +126,16 @@ def run_all(commands, env, cwd, timeout=600):
         assert p.returncode == 0, f"{argv[:4]} exited {p.returncode}:\n{output[-4000:]}"
 
 
-def tiny_model(seed=60, block_size=128) -> tg.GPT:
+def tiny_model(seed=60, block_size=128, **overrides) -> tg.GPT:
     """A 2-layer GPT-2 with the full vocabulary and spread-out weights, so that endings get clearly different
     scores; block_size 128 holds every example whole (lm-eval and we cut over-long inputs differently)."""
     torch.manual_seed(seed)
-    model = tg.GPT(tg.GPTConfig(block_size=block_size, n_layer=2, n_head=4, n_embd=64))
+    model = tg.GPT(tg.GPTConfig(block_size=block_size, n_layer=2, n_head=4, n_embd=64, **overrides))
     g = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g) * 0.1
-            p.copy_(1.0 + noise if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else noise)
+            p.copy_(1.0 + noise if p.dim() == 1 and not name.endswith("bias") else noise)  # gains around 1
     return model.eval()
 
 
@@ -149,14 +154,20 @@ def relabelled(path) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+# both kinds of export: a GPT-2 layout, and the speedrun options, which ship their own model code
+KINDS = {"gpt2": {}, "speedrun": dict(norm="rmsnorm", pos="rope", mlp="relu2", bias=False, qk_norm=True,
+                                      embed_norm=True, x0_lambdas=True, logit_softcap=15.0, tie_embeddings=False)}
+
+
+@pytest.fixture(scope="module", params=list(KINDS))
+def runs(tmp_path_factory, request):
     """A checkpoint, its export by train_gpt2.py's command line, and lm-eval's results on it from
     simple_evaluate and from the `lm_eval run` command line."""
     root = tmp_path_factory.mktemp("lm_eval")
     data_file = relabelled(root / "hellaswag_sample.jsonl")
     env = offline_env(root / "hf_home")
-    model = tiny_model()
+    model = tiny_model(**KINDS[request.param])
+    custom = request.param != "gpt2"
     ckpt = str(root / "tiny.pt")
     torch.save({"model": model.state_dict(), "config": asdict(model.config), "step": 1}, ckpt)
     export = str(root / "hf")
@@ -169,8 +180,9 @@ def runs(tmp_path_factory):
 
     api_out, cli_out = root / "simple_evaluate.json", root / "cli"
     run_all([
-        [sys.executable, "-c", SIMPLE_EVALUATE, export, str(task_dir), str(api_out), json.dumps(list(TASKS))],
-        [sys.executable, "-m", "lm_eval", *cli_args(export, task_dir, cli_out)],  # the README's command
+        [sys.executable, "-c", SIMPLE_EVALUATE, export, str(task_dir), str(api_out), model_args(export, custom),
+         json.dumps(list(TASKS))],
+        [sys.executable, "-m", "lm_eval", *cli_args(export, task_dir, cli_out, custom)],  # the README's command
     ], env, str(root))
     cli_files = glob.glob(str(cli_out / "**" / "results_*.json"), recursive=True)
     assert len(cli_files) == 1, cli_files

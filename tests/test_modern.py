@@ -625,6 +625,11 @@ def test_export_logits_match_transformers(name, exports, hf_models):
     assert ref.shape == (2, 64, GPT2_V)
     assert (ours[..., :GPT2_V] - ref).abs().max().item() <= 1e-4
     assert ref.std().item() > 0.5
+    # greedy generate() continues a prompt with our sampler's tokens (up to an end-of-text, where it stops)
+    prompt = tokens((1, 5), seed=42, high=GPT2_V)
+    with torch.no_grad():
+        greedy = hf.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=GPT2_V - 1)
+    assert greedy.size(1) > 6 and torch.equal(greedy, model.generate(prompt, 10, top_k=1)[:, :greedy.size(1)])
 
 
 @pytest.mark.parametrize("name", list(EXPORTS))
