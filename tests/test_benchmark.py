@@ -176,9 +176,11 @@ def test_chunk_kernels_give_the_reference_loss_and_gradient(kernel, cap):
     assert grad[~valid].abs().max().item() == 0 and grad[:, 37:].abs().max().item() == 0
 
 
-def test_chunked_loss_lowers_peak_memory():
+def test_chunked_loss_lowers_peak_memory(monkeypatch):
     """2,048 positions x 50,304 logits: the plain path holds several fp32 copies of that 412 MB tensor at once
-    (logits, log-probabilities, their gradient); the chunked one never more than a 1,024-position chunk's."""
+    (logits, log-probabilities, their gradient); the chunked one never more than a 1,024-position chunk's (the
+    GPU's chunk; a CPU's default of 2,048 rows would make this one chunk)."""
+    monkeypatch.setattr(tg, "LOSS_CHUNK_ROWS_CPU", tg.LOSS_CHUNK_ROWS)
     torch.manual_seed(0)
     model = tg.GPT(small_config(block_size=256))
     idx = torch.randint(0, 50257, (8, 256))
