@@ -482,7 +482,7 @@ def _load_checkpoint(path: str, device: str):
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")
 
 
-def _hf_tokenizer(name: str, local: bool):
+def _hf_tokenizer(name: str, local: bool, trust_remote_code: bool = False):
     """The model's own tokenizer when it is not GPT-2's BPE, as a tokenize(example) function; else None."""
     from transformers import AutoTokenizer
 
@@ -490,8 +490,7 @@ def _hf_tokenizer(name: str, local: bool):
     if local and not any(os.path.exists(os.path.join(name, f)) for f in _TOKENIZER_FILES):
         return None
     try:
-        tok = AutoTokenizer.from_pretrained(name, local_files_only=local,
-                                            trust_remote_code=local and _config_model_type(name) == "gpt2_trainer")
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=local, trust_remote_code=trust_remote_code)
     except Exception:  # transformers raises many kinds here (missing files, unknown classes, bad json)
         return None
     if len(tok) < 2:  # an empty placeholder tokenizer
@@ -538,9 +537,9 @@ def _load_hf(name: str, device: str):
     # a Hub name is "model" or "org/model"; anything else that is not a directory is a mistyped path
     if not local and (name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)):
         raise UserError(f"--hf_model {name}: no such directory")
+    # a custom export of train_gpt2.py carries its model code: trusted only for that model type
+    ours = local and _config_model_type(name) == "gpt2_trainer"
     try:
-        # a custom export of train_gpt2.py carries its model code: trusted only for that model type
-        ours = local and _config_model_type(name) == "gpt2_trainer"
         model = AutoModelForCausalLM.from_pretrained(name, local_files_only=local, trust_remote_code=ours)
     except (OSError, ValueError, KeyError) as e:
         if local:
@@ -551,7 +550,7 @@ def _load_hf(name: str, device: str):
             "download it where the Hub is reachable and pass its local directory to --hf_model"
         ) from None
     model = model.float().to(device).eval()
-    tokenize = _hf_tokenizer(name, local)
+    tokenize = _hf_tokenizer(name, local, ours)
     vocab = GPT2_VOCAB_SIZE
     if tokenize is not None:
         vocab = None  # the model's own vocabulary: use every logit

@@ -1261,8 +1261,7 @@ def time_training_step(config: GPTConfig, device: torch.device, batch_size: int,
     if optimizer == "adamw":
         optimizers = [adamw(list(model.parameters()), 1e-4, 0.1, device.type, fused=fused)]
     else:
-        optimizers = configure_optimizers(model, optimizer, parse_args([]), device.type,
-                                          torch.bfloat16 if native_bf16(device) else torch.float32)
+        optimizers = configure_optimizers(model, optimizer, parse_args([]), device.type, fast_matmul_dtype(device))
     forward = torch.compile(model) if compile else model
     amp_ctx = torch.autocast(device.type, dtype=dtype) if bf16 else nullcontext()
     loader = ShardLoader(data_dir, "train", batch_size, seq_len) if data_dir else None
@@ -1533,12 +1532,13 @@ def export_hf(model: GPT, out_dir: str) -> str:
     if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and not os.listdir(out_dir)):
         raise UserError(f"--export_hf '{out_dir}' already exists and is not an empty directory; choose a new one")
     sd = model.state_dict()
-    tensors = {}
     if layout == "custom":  # our own names under the wrapper's `gpt`; a tied matrix under both of its names
         tensors = {f"gpt.{name}": t for name, t in sd.items()}
-    for hf_name, name, rows, transposed in hf_weight_map(model.config) if layout != "custom" else []:
-        w = sd[name] if rows is None else sd[name][rows]
-        tensors[hf_name] = w.t() if transposed else w
+    else:
+        tensors = {}
+        for hf_name, name, rows, transposed in hf_weight_map(model.config):
+            w = sd[name] if rows is None else sd[name][rows]
+            tensors[hf_name] = w.t() if transposed else w
     files = {
         "config.json": json.dumps(hf_config(model.config), indent=2),
         **({f"{HF_REMOTE_MODULE}.py": hf_remote_code()} if layout == "custom" else {}),
@@ -1611,6 +1611,11 @@ def native_bf16(device: torch.device) -> bool:
         return True
     except RuntimeError:
         return False
+
+
+def fast_matmul_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the device computes it natively, else fp32: the precision of Muon's iterations."""
+    return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -1808,9 +1813,10 @@ class Trackers:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-            # purge_step: readers drop the old events from this step on, the ones the resumed run writes again
+            # purge_step: readers drop the old events from this step on, the ones the resumed run writes again;
+            # the writer's own thread flushes every few seconds, so a step never waits on the disk
             self.tensorboard = SummaryWriter(os.path.join(args.out_dir, "tensorboard"),
-                                             purge_step=step + 1 if step else None)
+                                             purge_step=step + 1 if step else None, flush_secs=10)
             if not step:
                 for name, values in settings.items():
                     self.tensorboard.add_text(name, f"```\n{json.dumps(values, indent=1)}\n```", 0)
@@ -1828,7 +1834,6 @@ class Trackers:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.tensorboard.add_scalar(key, value, record["step"])
-            self.tensorboard.flush()
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
 
@@ -1891,8 +1896,7 @@ def train(args: argparse.Namespace) -> None:
         model.load_state_dict(ckpt["model"])  # whole, before sharding: every checkpoint has the same layout
     if args.fsdp:
         shard_model(model, device, world_size)
-    optimizers = configure_optimizers(model, args.optimizer, args, device.type,
-                                      ortho_dtype=torch.bfloat16 if native_bf16(device) else torch.float32)
+    optimizers = configure_optimizers(model, args.optimizer, args, device.type, ortho_dtype=fast_matmul_dtype(device))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     step = 0
     if ckpt is not None:
