@@ -995,17 +995,23 @@ POLAR_EXPRESS = [
 
 def orthogonalize(g: torch.Tensor, coefficients: list[tuple[float, float, float]], dtype: torch.dtype) -> torch.Tensor:
     """U V^T of g = U S V^T, approximately: odd matrix polynomials push every singular value towards 1. Run on the
-    wide orientation, where X X^T is the smaller Gram matrix."""
+    wide orientation, where X X^T is the smaller Gram matrix. g is one matrix or a stack of same-shaped ones."""
     x = g.to(dtype)
-    tall = x.size(0) > x.size(1)
+    single = x.dim() == 2
+    if single:
+        x = x.unsqueeze(0)
+    tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
-    x = x / (x.norm() * 1.01 + 1e-7)  # Frobenius >= spectral norm: every singular value now lies in [0, 1)
+    # Frobenius >= spectral norm: every singular value now lies in [0, 1)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-7)
     for a, b, c in coefficients:
         gram = x @ x.mT
-        # a x + (b gram + c gram^2) x as two addmm: the scalings ride on the matmuls (20% faster at d6 in bf16)
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.mT if tall else x
+        # a x + (b gram + c gram^2) x as two baddbmm: the scalings ride on the matmuls (20% faster at d6 in bf16)
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    if tall:
+        x = x.mT
+    return x[0] if single else x
 
 
 class Muon(torch.optim.Optimizer):
@@ -1028,26 +1034,36 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None) -> None:
         for group in self.param_groups:
-            lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
             normuon = group.get("normuon", False)  # absent in the groups of torch.optim.Muon checkpoints
+            by_shape: dict[torch.Size, list[nn.Parameter]] = {}
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - momentum)
-                update = p.grad.lerp(buf, momentum)  # Nesterov
-                update = orthogonalize(update, POLAR_EXPRESS if normuon else NEWTON_SCHULZ,
-                                       self.ortho_dtype).to(p.dtype)
-                if normuon:
-                    update = self._normalize_neurons(update, state, group["beta2"])
-                    if decay:
-                        p.sub_(p * (update * p >= 0), alpha=lr * decay)
-                elif decay:
-                    p.mul_(1 - lr * decay)
-                p.add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+                if p.grad is not None:
+                    by_shape.setdefault(p.shape, []).append(p)
+            for params in by_shape.values():
+                # One batched iteration per shape (every layer's c_fc at once): 25-30% faster than matrix by matrix
+                # on a CPU at d6, and the same numbers, since each matrix is still normalised and iterated alone
+                updates = torch.stack([self._nesterov(p, group["momentum"]) for p in params])
+                updates = orthogonalize(updates, POLAR_EXPRESS if normuon else NEWTON_SCHULZ, self.ortho_dtype)
+                for p, update in zip(params, updates):
+                    self._apply(p, update.to(p.dtype), group, normuon)
+
+    def _nesterov(self, p: nn.Parameter, momentum: float) -> torch.Tensor:
+        state = self.state[p]
+        if not state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf = state["momentum_buffer"]
+        buf.lerp_(p.grad, 1 - momentum)
+        return p.grad.lerp(buf, momentum)
+
+    def _apply(self, p: nn.Parameter, update: torch.Tensor, group: dict, normuon: bool) -> None:
+        lr, decay = group["lr"], group["weight_decay"]
+        if normuon:
+            update = self._normalize_neurons(update, self.state[p], group["beta2"])
+            if decay:
+                p.sub_(p * (update * p >= 0), alpha=lr * decay)
+        elif decay:
+            p.mul_(1 - lr * decay)
+        p.add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
 
     @staticmethod
     def _normalize_neurons(update: torch.Tensor, state: dict, beta2: float) -> torch.Tensor:
