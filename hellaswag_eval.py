@@ -35,7 +35,8 @@ shorter than GPT-2's 1024 tokens: this matters only for models trained with a sh
   torchrun --standalone --nproc_per_node 2 hellaswag_eval.py --checkpoint out/d6/ckpt_0000500.pt
   python hellaswag_eval.py --plot out/d6 out/d6_lr2x --png runs.png
 
-Library use (the trainer calls this inside its loop, on every rank):
+The scoring itself lives in train_gpt2.py's evaluation section (the trainer's --hellaswag_every uses it); this
+script adds the download, lm-eval's text, the command line and plots. Library use, on every rank:
   examples = load_examples(data_file)              # once
   result = evaluate(model, examples, device, rank=rank, world_size=world_size)
   result["acc_norm"], result["acc_norm_chars"]
@@ -52,21 +53,17 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from contextlib import nullcontext
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from train_gpt2 import (EOT_TOKEN, GPT2_VOCAB_SIZE, UserError, atomic_write, get_tokenizer, resolve_device,
-                        resolve_dtype)
+from train_gpt2 import (GPT2_VOCAB_SIZE, HELLASWAG_BATCH_SIZE, HELLASWAG_FILENAME, UserError, atomic_write,
+                        context_length, evaluate_hellaswag, get_tokenizer, hellaswag_cache_file, read_hellaswag,
+                        resolve_device, resolve_dtype, score_hellaswag)
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
-HELLASWAG_FILENAME = "hellaswag_val.jsonl"
-NUM_ENDINGS = 4
 TEXTS = ("raw", "lm_eval")  # the text that is scored: the file's ctx and endings as they are, or lm_eval_text's
-DEFAULT_CONTEXT_LENGTH = 1024  # used when the model does not say how long its context is
-DEFAULT_BATCH_SIZE = 16  # examples per forward pass (4 rows each)
+DEFAULT_BATCH_SIZE = HELLASWAG_BATCH_SIZE
 DOWNLOAD_TIMEOUT_S = 60
 
 # GPT-2 124M reference lines for plots
@@ -80,59 +77,11 @@ GPT2_124M_FINEWEB_VAL_LOSS = 3.29  # OpenAI GPT-2 124M evaluated on a FineWeb va
 
 def cache_dir() -> str:
     """Where the downloaded validation file is kept: $XDG_CACHE_HOME/gpt2-trainer, else ~/.cache/gpt2-trainer."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "gpt2-trainer")
+    return os.path.dirname(hellaswag_cache_file())
 
 
 def default_data_file() -> str:
-    return os.path.join(cache_dir(), HELLASWAG_FILENAME)
-
-
-def _parse_label(value, where: str) -> int:
-    # the original release stores 0..3 as ints; the copy on the HF Hub stores them as strings
-    label = value
-    if isinstance(label, str) and label.strip().isdigit():
-        label = int(label.strip())
-    # True/False are ints in Python but never a valid label
-    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < NUM_ENDINGS:
-        raise UserError(f"{where}: label {value!r} is not one of 0, 1, 2, 3")
-    return label
-
-
-def _read_jsonl(path: str, limit: int | None) -> list[dict]:
-    examples = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if limit is not None and len(examples) >= limit:
-                    break
-                if not line.strip():
-                    continue
-                where = f"{path} line {lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{where}: not valid JSON ({e.msg}); expected the HellaSwag jsonl format") from None
-                if not isinstance(record, dict):
-                    raise UserError(f"{where}: expected a JSON object per line")
-                missing = [k for k in ("ctx", "endings", "label") if k not in record]
-                if missing:
-                    raise UserError(f"{where}: missing field(s) {', '.join(missing)}; expected the HellaSwag jsonl format")
-                endings = record["endings"]
-                if not isinstance(record["ctx"], str):
-                    raise UserError(f"{where}: ctx must be a string")
-                if not (isinstance(endings, list) and len(endings) == NUM_ENDINGS and all(isinstance(e, str) for e in endings)):
-                    raise UserError(f"{where}: endings must be a list of {NUM_ENDINGS} strings")
-                example = dict(record)
-                example["label"] = _parse_label(record["label"], where)
-                examples.append(example)
-    except FileNotFoundError:
-        raise UserError(f"HellaSwag data file not found: {path}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text; expected the HellaSwag jsonl format") from None
-    except IsADirectoryError:
-        raise UserError(f"{path} is a directory; --data_file takes the path of hellaswag_val.jsonl") from None
-    return examples
+    return hellaswag_cache_file()
 
 
 def download_val(dest: str | None = None, url: str | None = None) -> str:
@@ -162,7 +111,7 @@ def download_val(dest: str | None = None, url: str | None = None) -> str:
         if expected is not None and got != int(expected):
             raise UserError(f"the download of {url} was cut short ({got} of {expected} bytes); retry, or {hint}")
         try:
-            _read_jsonl(tmp, limit=None)  # never cache something that is not HellaSwag jsonl
+            read_hellaswag(tmp)  # never cache something that is not HellaSwag jsonl
         except UserError as e:
             raise UserError(f"{url} did not return HellaSwag jsonl ({e}); {hint}") from None
         os.replace(tmp, dest)
@@ -183,7 +132,7 @@ def load_examples(data_file: str | None = None, limit: int | None = None) -> lis
         raise UserError(f"limit must be >= 0, got {limit}")
     if data_file is None:
         data_file = download_val()
-    return _read_jsonl(data_file, limit)
+    return read_hellaswag(data_file, limit)
 
 
 def _lm_eval_clean(text: str) -> str:
@@ -206,104 +155,7 @@ def lm_eval_text(example: dict) -> dict:
                 endings=[_lm_eval_clean(e) for e in example["endings"]])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# tokenisation and batching
-
-
-def gpt2_tokenize(example: dict) -> tuple[list[int], list[list[int]]]:
-    """GPT-2 ids of the context and of " " + each ending, encoded separately (the reference method)."""
-    enc = get_tokenizer()
-    # an empty context still needs something to predict the first ending token from: <|endoftext|>
-    ctx = enc.encode_ordinary(example["ctx"]) or [EOT_TOKEN]
-    endings = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
-    return ctx, endings
-
-
-class _Item:
-    """One example's token rows: row i = ctx + endings[i]; the model reads row[:-1] and is scored on the ending.
-    chars[i]: the length of ending i's text in characters (at least 1), for acc_norm_chars."""
-
-    __slots__ = ("ctx", "endings", "label", "chars")
-
-    def __init__(self, ctx: list[int], endings: list[list[int]], label: int, chars: list[int]):
-        self.ctx, self.endings, self.label, self.chars = ctx, endings, label, chars
-
-    @property
-    def input_len(self) -> int:
-        return len(self.ctx) + max(len(e) for e in self.endings) - 1
-
-
-def _prepare(example: dict, index: int, tokenize, max_len: int) -> _Item:
-    ctx, endings = tokenize(example)
-    ctx, endings = list(ctx), [list(e) for e in endings]
-    if len(endings) != NUM_ENDINGS:
-        raise ValueError(f"example {index}: expected {NUM_ENDINGS} endings, got {len(endings)}")
-    if any(len(e) == 0 for e in endings):
-        raise ValueError(f"example {index}: an ending encodes to no tokens, so it cannot be scored")
-    if not ctx:
-        raise ValueError(f"example {index}: the context encodes to no tokens, so the first ending token cannot be scored")
-    longest = max(len(e) for e in endings)
-    # the model reads len(ctx) + len(ending) - 1 tokens; keep at most max_len of them, cutting the context on the
-    # left by the same amount for every ending
-    keep = max_len + 1 - longest
-    if keep < 1:
-        # an ending longer than the whole context window (only with tiny models): keep one context token and
-        # score each ending's first max_len tokens
-        keep = 1
-        endings = [e[:max_len] for e in endings]
-    if len(ctx) > keep:
-        ctx = ctx[-keep:]
-    # lm-eval's length: the choice without the leading space; an empty ending (scored on the space alone) counts 1
-    chars = [max(1, len(e)) for e in example["endings"]]
-    return _Item(ctx, endings, _parse_label(example.get("label"), f"example {index}"), chars)
-
-
-def _plan_batches(items: Sequence[_Item], batch_size: int) -> list[list[int]]:
-    """Example indices grouped into batches, longest first, identical on every rank (the sort is stable)."""
-    order = sorted(range(len(items)), key=lambda i: -items[i].input_len)
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def _batch_tensors(items: Sequence[_Item], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(idx, targets, mask), each (4 * len(items), T): right-padded inputs, next-token targets, ending positions."""
-    rows = [(it.ctx, e) for it in items for e in it.endings]
-    T = max(len(c) + len(e) - 1 for c, e in rows)
-    idx = torch.zeros((len(rows), T), dtype=torch.long)  # padding: token 0, valid in any vocabulary
-    targets = torch.zeros((len(rows), T), dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.bool)
-    for r, (c, e) in enumerate(rows):
-        row = torch.tensor(c + e, dtype=torch.long)
-        n = len(row) - 1
-        idx[r, :n] = row[:-1]
-        targets[r, :n] = row[1:]
-        mask[r, len(c) - 1 : n] = True  # logits at position t predict token t+1: ending tokens are c..c+len(e)-1
-    return idx.to(device), targets.to(device), mask.to(device)
-
-
-def _logits_of(output) -> torch.Tensor:
-    # accept plain logits, (logits, loss) as our GPT returns, or an object with .logits (transformers)
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    if hasattr(output, "logits"):
-        return output.logits
-    raise TypeError(f"model_fn returned {type(output).__name__}; expected logits of shape (B, T, V)")
-
-
-def context_length(model) -> int | None:
-    """The longest input the model accepts, read from its config (our GPT, transformers models), or None."""
-    seen = set()
-    while model is not None and id(model) not in seen:
-        seen.add(id(model))
-        config = getattr(model, "config", None)
-        for key in ("block_size", "n_positions", "max_position_embeddings", "n_ctx"):
-            value = getattr(config, key, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        # unwrap torch.compile, DistributedDataParallel/FSDP and bound methods
-        model = getattr(model, "_orig_mod", None) or getattr(model, "module", None) or getattr(model, "__self__", None)
-    return None
+# scoring: train_gpt2's, on the text asked for
 
 
 def default_autocast_dtype(device) -> torch.dtype:
@@ -311,150 +163,20 @@ def default_autocast_dtype(device) -> torch.dtype:
     return resolve_dtype("auto", torch.device(device))
 
 
-def _autocast(device, dtype: torch.dtype | None):
-    if dtype is None:
-        dtype = default_autocast_dtype(device)
-    if dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
-def _score_batch(model_fn, items: Sequence[_Item], device, autocast_dtype, vocab_size) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed and mean loss over each ending's tokens: two float64 CPU tensors of shape (len(items), 4)."""
-    idx, targets, mask = _batch_tensors(items, device)
-    with torch.no_grad():
-        with _autocast(device, autocast_dtype):
-            logits = _logits_of(model_fn(idx))
-        if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(idx.shape):
-            raise ValueError(f"model_fn returned logits of shape {tuple(logits.shape)} for input {tuple(idx.shape)}; expected (B, T, V)")
-        picked = logits[mask]  # (N, V): only the positions that predict ending tokens
-        if vocab_size is not None:
-            if picked.size(-1) < vocab_size:
-                raise ValueError(f"model_fn returned {picked.size(-1)} logits per position; need at least {vocab_size}")
-            picked = picked[:, :vocab_size]
-        losses = F.cross_entropy(picked.float(), targets[mask], reduction="none")
-    # per-row totals on the CPU in float64 (MPS has no float64); only N small numbers cross over
-    mask = mask.cpu()
-    sums = torch.zeros(idx.size(0), dtype=torch.float64).index_add_(0, mask.nonzero()[:, 0], losses.cpu().double())
-    sums = sums.view(-1, NUM_ENDINGS)
-    return sums, sums / mask.sum(dim=1).double().view(-1, NUM_ENDINGS)
-
-
-def _prepare_all(model_fn, examples, tokenize, max_seq_len, batch_size, text="raw"):
-    if not examples:
-        raise ValueError("no HellaSwag examples to evaluate")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    max_len = max_seq_len or context_length(model_fn) or DEFAULT_CONTEXT_LENGTH
-    tokenize = tokenize or gpt2_tokenize
+def scored_text(examples: Sequence[dict], text: str) -> list[dict]:
     if text not in TEXTS:
         raise ValueError(f"text must be one of {', '.join(TEXTS)}, got {text!r}")
-    if text == "lm_eval":
-        examples = [lm_eval_text(ex) for ex in examples]
-    items = [_prepare(ex, i, tokenize, max_len) for i, ex in enumerate(examples)]
-    return items, _plan_batches(items, batch_size)
+    return [lm_eval_text(ex) for ex in examples] if text == "lm_eval" else list(examples)
 
 
-def _chars(items: Sequence[_Item]) -> torch.Tensor:
-    return torch.tensor([it.chars for it in items], dtype=torch.float64)
+def score(model_fn: Callable, examples: Sequence[dict], *args, text: str = "raw", **kwargs) -> dict:
+    """train_gpt2.score_hellaswag (per-example losses) on the text asked for: "raw" or "lm_eval" (lm_eval_text)."""
+    return score_hellaswag(model_fn, scored_text(examples, text), *args, **kwargs)
 
 
-def score(
-    model_fn: Callable,
-    examples: Sequence[dict],
-    device="cpu",
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    autocast_dtype: torch.dtype | None = None,
-    max_seq_len: int | None = None,
-    tokenize: Callable | None = None,
-    vocab_size: int | None = GPT2_VOCAB_SIZE,
-    text: str = "raw",
-) -> dict:
-    """Per-example scores in one process, CPU tensors: {"loss_sum": (n, 4), "loss_mean": (n, 4) per token,
-    "loss_per_char": (n, 4) per character of the ending, "label": (n,)}; acc, acc_norm and acc_norm_chars pick
-    the lowest of each row of loss_sum, loss_mean and loss_per_char."""
-    items, batches = _prepare_all(model_fn, examples, tokenize, max_seq_len, batch_size, text)
-    loss_sum = torch.empty(len(items), NUM_ENDINGS, dtype=torch.float64)
-    loss_mean = torch.empty_like(loss_sum)
-    for batch in batches:
-        s, m = _score_batch(model_fn, [items[i] for i in batch], device, autocast_dtype, vocab_size)
-        loss_sum[batch], loss_mean[batch] = s, m
-    return {"loss_sum": loss_sum, "loss_mean": loss_mean, "loss_per_char": loss_sum / _chars(items),
-            "label": torch.tensor([it.label for it in items])}
-
-
-def evaluate(
-    model_fn: Callable,
-    examples: Sequence[dict],
-    device="cpu",
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    rank: int = 0,
-    world_size: int = 1,
-    autocast_dtype: torch.dtype | None = None,
-    progress: bool = False,
-    max_seq_len: int | None = None,
-    tokenize: Callable | None = None,
-    vocab_size: int | None = GPT2_VOCAB_SIZE,
-    text: str = "raw",
-) -> dict:
-    """HellaSwag accuracy of `model_fn` on `examples`: {"n", "acc", "acc_norm", "acc_norm_chars", "correct",
-    "correct_norm", "correct_norm_chars"}.
-
-    acc: lowest summed loss; acc_norm: lowest mean loss per token (llm.c / build-nanogpt); acc_norm_chars: lowest
-    summed loss per character of the ending (lm-evaluation-harness's acc_norm). correct*: the counts behind them.
-
-    model_fn(idx) takes a LongTensor (B, T) on `device` and returns logits (B, T, V) with V >= vocab_size (only
-    the first vocab_size columns are used); it may also return (logits, loss) or an object with .logits, so a
-    GPT, a torch.compile'd GPT or a transformers model can be passed as is. The caller puts it in eval mode.
-
-    batch_size: examples per forward pass (4 rows each).
-    autocast_dtype: None picks default_autocast_dtype(device); torch.float32 turns autocast off.
-    max_seq_len: the model's context length; None reads it from the model's config (else 1024). Longer inputs
-      lose context tokens on the left.
-    tokenize(example) -> (ctx_ids, [ending_ids] * 4): defaults to GPT-2 BPE of ctx and " " + ending.
-    text: "raw" scores ctx and endings as they are; "lm_eval" first rewrites them as lm-eval's hellaswag task
-      does (lm_eval_text).
-
-    Distributed (world_size > 1, torch.distributed initialised): call on every rank with the same examples and
-    batch_size. Batches are dealt round-robin, each rank runs the same number of forward passes (a rank short of
-    a batch runs a throw-away one, so collectives inside the model line up) and the counts are all-reduced. The
-    batches are the same as in one process, so the result equals the single-process result exactly.
-    """
-    if world_size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        raise ValueError("world_size > 1 needs torch.distributed to be initialised")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world_size {world_size}")
-    items, batches = _prepare_all(model_fn, examples, tokenize, max_seq_len, batch_size, text)
-    mine = batches[rank::world_size]
-    passes = math.ceil(len(batches) / world_size)
-    correct = correct_norm = correct_chars = n = 0
-    bar = None
-    if progress and rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(items), desc="hellaswag", unit="ex", dynamic_ncols=True)
-    for p in range(passes):
-        if p < len(mine):
-            batch = [items[i] for i in mine[p]]
-            sums, means = _score_batch(model_fn, batch, device, autocast_dtype, vocab_size)
-            labels = torch.tensor([it.label for it in batch])
-            n += len(batch)
-            correct += int((sums.argmin(dim=1) == labels).sum())
-            correct_norm += int((means.argmin(dim=1) == labels).sum())
-            correct_chars += int(((sums / _chars(batch)).argmin(dim=1) == labels).sum())
-        else:
-            # this rank has run out of batches: run a throw-away forward so every rank does `passes` of them
-            _score_batch(model_fn, [items[i] for i in batches[-1]], device, autocast_dtype, vocab_size)
-        if bar is not None:  # the ranks move in step: count every rank's batch of this pass
-            bar.update(sum(len(b) for b in batches[p * world_size : (p + 1) * world_size]))
-    if bar is not None:
-        bar.close()
-    if world_size > 1:
-        counts = torch.tensor([n, correct, correct_norm, correct_chars], dtype=torch.long, device=device)
-        torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM)
-        n, correct, correct_norm, correct_chars = (int(v) for v in counts.tolist())
-    return {"n": n, "acc": correct / n, "acc_norm": correct_norm / n, "acc_norm_chars": correct_chars / n,
-            "correct": correct, "correct_norm": correct_norm, "correct_norm_chars": correct_chars}
+def evaluate(model_fn: Callable, examples: Sequence[dict], *args, text: str = "raw", **kwargs) -> dict:
+    """train_gpt2.evaluate_hellaswag (acc, acc_norm, acc_norm_chars; distributed if asked) on the text asked for."""
+    return evaluate_hellaswag(model_fn, scored_text(examples, text), *args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -710,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast dtype; auto: bf16 where the hardware runs it natively, else fp32")
     p.add_argument("--out", metavar="FILE.json", help="also write the result as JSON to this file")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--download", action="store_true",
+                   help="instead of evaluating: fetch the validation file into --data_file or the cache (what the "
+                        "trainer's --hellaswag_every reads by default), and exit")
     p.add_argument("--plot", nargs="+", metavar="OUT_DIR",
                    help="instead of evaluating: plot <OUT_DIR>/log.jsonl of one or more training runs")
     p.add_argument("--png", default="runs.png", metavar="FILE.png", help="where --plot writes its picture (default runs.png)")
@@ -742,6 +467,12 @@ def _load_examples_distributed(data_file, limit, rank: int, world_size: int) -> 
 
 
 def run(args) -> dict:
+    if args.download:
+        if args.checkpoint or args.hf_model or args.plot:
+            raise UserError("--download only fetches the data; run the evaluation or the plot as a second command")
+        path = download_val(args.data_file)
+        print(f"HellaSwag validation data: {path}")
+        return {"data_file": path}
     if args.plot:
         if args.checkpoint or args.hf_model:
             raise UserError("--plot draws training logs; do not combine it with --checkpoint/--hf_model")

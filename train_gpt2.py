@@ -1143,7 +1143,7 @@ def muon_momentum_at(step: int, momentum: float, warmup_steps: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# evaluation: validation loss, samples, model FLOPs utilisation, timing of training steps
+# evaluation: validation loss, samples, HellaSwag, model FLOPs utilisation, timing of training steps
 
 # Dense bf16 tensor-core peaks in TFLOP/s by device-name fragment; fp32 runs use TF32, half of these.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A6000": 155.0, "L4": 121.0,
@@ -1187,6 +1187,264 @@ def sample_text(model: GPT, prompt: str, num_tokens: int, top_k: int, seed: int,
         out = model.generate(idx, num_tokens, top_k=top_k, generator=generator)
     model.train()
     return enc.decode(out[0].tolist())
+
+
+# HellaSwag, completion style: each example's four endings scored as continuations of its context. The trainer's
+# --hellaswag_every uses this; hellaswag_eval.py adds the download, lm-eval's text, its command line and plots.
+HELLASWAG_ENDINGS = 4
+HELLASWAG_FILENAME = "hellaswag_val.jsonl"
+HELLASWAG_BATCH_SIZE = 16  # examples per forward pass (4 rows each)
+HELLASWAG_CONTEXT_LENGTH = 1024  # used when the model does not say how long its context is
+
+
+def hellaswag_cache_file() -> str:
+    """Where hellaswag_eval.py keeps the downloaded validation file: $XDG_CACHE_HOME/gpt2-trainer, else
+    ~/.cache/gpt2-trainer."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "gpt2-trainer", HELLASWAG_FILENAME)
+
+
+def hellaswag_label(value, where: str) -> int:
+    """The label as an int 0..3: the original release stores ints, the copy on the HF Hub strings."""
+    label = value
+    if isinstance(label, str) and label.strip().isdigit():
+        label = int(label.strip())
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < HELLASWAG_ENDINGS:
+        raise UserError(f"{where}: label {value!r} is not one of 0, 1, 2, 3")  # True is an int, never a label
+    return label
+
+
+def _hellaswag_record(line: str, where: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg}); expected the HellaSwag jsonl format") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object per line")
+    missing = [k for k in ("ctx", "endings", "label") if k not in record]
+    if missing:
+        raise UserError(f"{where}: missing field(s) {', '.join(missing)}; expected the HellaSwag jsonl format")
+    endings = record["endings"]
+    if not isinstance(record["ctx"], str):
+        raise UserError(f"{where}: ctx must be a string")
+    if not (isinstance(endings, list) and len(endings) == HELLASWAG_ENDINGS and all(isinstance(e, str) for e in endings)):
+        raise UserError(f"{where}: endings must be a list of {HELLASWAG_ENDINGS} strings")
+    return dict(record, label=hellaswag_label(record["label"], where))
+
+
+def read_hellaswag(path: str, limit: int | None = None) -> list[dict]:
+    """The examples of a HellaSwag jsonl file (the first `limit`), every field of each line kept, label an int."""
+    examples = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if limit is not None and len(examples) >= limit:
+                    break
+                if line.strip():
+                    examples.append(_hellaswag_record(line, f"{path} line {lineno}"))
+    except FileNotFoundError:
+        raise UserError(f"HellaSwag data file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; expected the HellaSwag jsonl format") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a directory; --data_file takes the path of hellaswag_val.jsonl") from None
+    return examples
+
+
+def gpt2_tokenize(example: dict) -> tuple[list[int], list[list[int]]]:
+    """GPT-2 ids of the context and of " " + each ending, encoded separately (the reference method)."""
+    enc = get_tokenizer()
+    # an empty context still needs something to predict the first ending token from: <|endoftext|>
+    ctx = enc.encode_ordinary(example["ctx"]) or [EOT_TOKEN]
+    endings = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
+    return ctx, endings
+
+
+class HellaSwagItem:
+    """One example's token rows: row i = ctx + endings[i]; the model reads row[:-1] and is scored on the ending.
+    chars[i]: the length of ending i's text in characters (at least 1), for acc_norm_chars."""
+
+    __slots__ = ("ctx", "endings", "label", "chars")
+
+    def __init__(self, ctx: list[int], endings: list[list[int]], label: int, chars: list[int]):
+        self.ctx, self.endings, self.label, self.chars = ctx, endings, label, chars
+
+    @property
+    def input_len(self) -> int:
+        return len(self.ctx) + max(len(e) for e in self.endings) - 1
+
+
+def hellaswag_item(example: dict, index: int, tokenize, max_len: int) -> HellaSwagItem:
+    """The example tokenised, its context cut on the left (by the same amount for every ending) so that the
+    longest row fits max_len model inputs."""
+    ctx, endings = tokenize(example)
+    ctx, endings = list(ctx), [list(e) for e in endings]
+    if len(endings) != HELLASWAG_ENDINGS:
+        raise ValueError(f"example {index}: expected {HELLASWAG_ENDINGS} endings, got {len(endings)}")
+    if any(len(e) == 0 for e in endings):
+        raise ValueError(f"example {index}: an ending encodes to no tokens, so it cannot be scored")
+    if not ctx:
+        raise ValueError(f"example {index}: the context encodes to no tokens, so the first ending token cannot be scored")
+    longest = max(len(e) for e in endings)
+    keep = max_len + 1 - longest  # the model reads len(ctx) + len(ending) - 1 tokens
+    if keep < 1:
+        # an ending longer than the whole context window (only with tiny models): keep one context token and
+        # score each ending's first max_len tokens
+        keep = 1
+        endings = [e[:max_len] for e in endings]
+    if len(ctx) > keep:
+        ctx = ctx[-keep:]
+    # lm-eval's length: the choice without the leading space; an empty ending (scored on the space alone) counts 1
+    chars = [max(1, len(e)) for e in example["endings"]]
+    return HellaSwagItem(ctx, endings, hellaswag_label(example.get("label"), f"example {index}"), chars)
+
+
+def hellaswag_batch_tensors(items: list[HellaSwagItem], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(idx, targets, mask), each (4 * len(items), T): right-padded inputs, next-token targets, ending positions.
+    The model is causal, so the padding after a row's last real token cannot change any of its scores."""
+    rows = [(it.ctx, e) for it in items for e in it.endings]
+    T = max(len(c) + len(e) - 1 for c, e in rows)
+    idx = torch.zeros((len(rows), T), dtype=torch.long)  # padding: token 0, valid in any vocabulary
+    targets = torch.zeros((len(rows), T), dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.bool)
+    for r, (c, e) in enumerate(rows):
+        row = torch.tensor(c + e, dtype=torch.long)
+        n = len(row) - 1
+        idx[r, :n] = row[:-1]
+        targets[r, :n] = row[1:]
+        mask[r, len(c) - 1 : n] = True  # logits at position t predict token t+1: ending tokens are c..c+len(e)-1
+    return idx.to(device), targets.to(device), mask.to(device)
+
+
+def logits_of(output) -> torch.Tensor:
+    """Plain logits, (logits, loss) as our GPT returns them, or an object with .logits (transformers)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    if hasattr(output, "logits"):
+        return output.logits
+    raise TypeError(f"model_fn returned {type(output).__name__}; expected logits of shape (B, T, V)")
+
+
+def context_length(model) -> int | None:
+    """The longest input the model accepts, read from its config (our GPT, transformers models), or None."""
+    seen = set()
+    while model is not None and id(model) not in seen:
+        seen.add(id(model))
+        config = getattr(model, "config", None)
+        for key in ("block_size", "n_positions", "max_position_embeddings", "n_ctx"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        # unwrap torch.compile, DistributedDataParallel/FSDP and bound methods
+        model = getattr(model, "_orig_mod", None) or getattr(model, "module", None) or getattr(model, "__self__", None)
+    return None
+
+
+def score_hellaswag_batch(model_fn, items: list[HellaSwagItem], device, autocast_dtype: torch.dtype | None,
+                          vocab_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed and mean loss over each ending's tokens: two float64 CPU tensors of shape (len(items), 4).
+    autocast_dtype None is the trainer's choice for the device (resolve_dtype's auto); fp32 is no autocast."""
+    idx, targets, mask = hellaswag_batch_tensors(items, device)
+    device = torch.device(device)
+    dtype = resolve_dtype("auto", device) if autocast_dtype is None else autocast_dtype
+    amp_ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    with torch.no_grad(), amp_ctx:
+        logits = logits_of(model_fn(idx))
+        if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(idx.shape):
+            raise ValueError(f"model_fn returned logits of shape {tuple(logits.shape)} for input {tuple(idx.shape)}; expected (B, T, V)")
+        picked = logits[mask]  # (N, V): only the positions that predict ending tokens
+        if vocab_size is not None:
+            if picked.size(-1) < vocab_size:
+                raise ValueError(f"model_fn returned {picked.size(-1)} logits per position; need at least {vocab_size}")
+            picked = picked[:, :vocab_size]
+        losses = F.cross_entropy(picked.float(), targets[mask], reduction="none")
+    # per-row totals on the CPU in float64 (MPS has no float64); only N small numbers cross over
+    mask = mask.cpu()
+    sums = torch.zeros(idx.size(0), dtype=torch.float64).index_add_(0, mask.nonzero()[:, 0], losses.cpu().double())
+    sums = sums.view(-1, HELLASWAG_ENDINGS)
+    return sums, sums / mask.sum(dim=1).double().view(-1, HELLASWAG_ENDINGS)
+
+
+def hellaswag_batches(model_fn, examples: list[dict], tokenize, max_seq_len: int | None,
+                      batch_size: int) -> tuple[list[HellaSwagItem], list[list[int]]]:
+    """The items, and their indices grouped into batches longest first (a batch holds rows of similar length);
+    the same on every rank, since the sort is stable."""
+    if not examples:
+        raise ValueError("no HellaSwag examples to evaluate")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    max_len = max_seq_len or context_length(model_fn) or HELLASWAG_CONTEXT_LENGTH
+    items = [hellaswag_item(ex, i, tokenize or gpt2_tokenize, max_len) for i, ex in enumerate(examples)]
+    order = sorted(range(len(items)), key=lambda i: -items[i].input_len)
+    return items, [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def hellaswag_chars(items: list[HellaSwagItem]) -> torch.Tensor:
+    return torch.tensor([it.chars for it in items], dtype=torch.float64)
+
+
+def score_hellaswag(model_fn, examples: list[dict], device="cpu", batch_size: int = HELLASWAG_BATCH_SIZE,
+                    autocast_dtype: torch.dtype | None = None, max_seq_len: int | None = None, tokenize=None,
+                    vocab_size: int | None = GPT2_VOCAB_SIZE) -> dict:
+    """Per-example scores in one process, CPU tensors: {"loss_sum": (n, 4), "loss_mean": (n, 4) per token,
+    "loss_per_char": (n, 4) per character of the ending, "label": (n,)}; acc, acc_norm and acc_norm_chars pick
+    the lowest of each row of loss_sum, loss_mean and loss_per_char."""
+    items, batches = hellaswag_batches(model_fn, examples, tokenize, max_seq_len, batch_size)
+    loss_sum = torch.empty(len(items), HELLASWAG_ENDINGS, dtype=torch.float64)
+    loss_mean = torch.empty_like(loss_sum)
+    for batch in batches:
+        loss_sum[batch], loss_mean[batch] = score_hellaswag_batch(model_fn, [items[i] for i in batch], device,
+                                                                  autocast_dtype, vocab_size)
+    return {"loss_sum": loss_sum, "loss_mean": loss_mean, "loss_per_char": loss_sum / hellaswag_chars(items),
+            "label": torch.tensor([it.label for it in items])}
+
+
+def evaluate_hellaswag(model_fn, examples: list[dict], device="cpu", batch_size: int = HELLASWAG_BATCH_SIZE,
+                       rank: int = 0, world_size: int = 1, autocast_dtype: torch.dtype | None = None,
+                       progress: bool = False, max_seq_len: int | None = None, tokenize=None,
+                       vocab_size: int | None = GPT2_VOCAB_SIZE) -> dict:
+    """HellaSwag accuracy: {"n", "acc", "acc_norm", "acc_norm_chars", "correct", "correct_norm",
+    "correct_norm_chars"}. acc picks the ending of lowest summed loss, acc_norm of lowest mean loss per token
+    (llm.c / build-nanogpt), acc_norm_chars of lowest summed loss per character (lm-evaluation-harness's acc_norm).
+
+    model_fn(idx) returns logits (B, T, V >= vocab_size; the first vocab_size columns count), (logits, loss) or an
+    object with .logits: a GPT, a compiled GPT or a transformers model, put in eval mode by the caller. A context
+    longer than max_seq_len (default: the model's config, else 1024) loses tokens on the left. tokenize(example)
+    -> (ctx_ids, [ending_ids] * 4) defaults to GPT-2 BPE of ctx and " " + ending.
+
+    Distributed: call on every rank with the same examples. Batches are dealt round-robin; a rank short of a batch
+    runs a throw-away one so that collectives inside the model line up; the counts are all-reduced, so the result
+    equals the single-process one exactly."""
+    if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("world_size > 1 needs torch.distributed to be initialised")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    items, batches = hellaswag_batches(model_fn, examples, tokenize, max_seq_len, batch_size)
+    counts = torch.zeros(4, dtype=torch.long)  # examples, correct, correct_norm, correct_norm_chars
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=len(items), desc="hellaswag", unit="ex", dynamic_ncols=True)
+    for p in range(0, len(batches), world_size):
+        mine = p + rank < len(batches)
+        batch = [items[i] for i in batches[p + rank if mine else -1]]
+        sums, means = score_hellaswag_batch(model_fn, batch, device, autocast_dtype, vocab_size)
+        if mine:
+            labels = torch.tensor([it.label for it in batch])
+            counts += torch.stack([torch.tensor(len(batch))] + [(s.argmin(dim=1) == labels).sum() for s in
+                                                                (sums, means, sums / hellaswag_chars(batch))])
+        if bar is not None:  # the ranks move in step: count every rank's batch of this pass
+            bar.update(sum(len(b) for b in batches[p:p + world_size]))
+    if bar is not None:
+        bar.close()
+    if world_size > 1:
+        counts = counts.to(device)
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    n, correct, correct_norm, correct_chars = (int(v) for v in counts.tolist())
+    return {"n": n, "acc": correct / n, "acc_norm": correct_norm / n, "acc_norm_chars": correct_chars / n,
+            "correct": correct, "correct_norm": correct_norm, "correct_norm_chars": correct_chars}
 
 
 def flops_per_token(config: GPTConfig, seq_len: int, n_params: int) -> float:
@@ -1582,7 +1840,7 @@ def export_hf(model: GPT, out_dir: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# train loop
+# train loop: devices and dtypes, the checks of a run's inputs, then the Trainer, whose methods are the run's parts
 
 
 def is_master() -> bool:
@@ -1860,265 +2118,343 @@ class Trackers:
             self.wandb.finish()
 
 
-def train(args: argparse.Namespace) -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    distributed = world_size > 1
-    master = rank == 0
+class Trainer:
+    """One training run. Its state lives here, and each part of a run is a method, in the order a run uses them:
+    setup (inputs checked, processes joined, model and optimisers built, a checkpoint restored, the run described),
+    then per step: train_step() (one optimisation step), evaluate(), log(), save(); run() is the loop around them."""
 
-    # ---- everything a user can get wrong is checked before a process group, a file or a model exists
-    device = resolve_device(args.device, local_rank)
-    dtype = resolve_dtype(args.dtype, device)
-    resume_path, ckpt = find_resume_checkpoint(args)
-    if ckpt is not None and ckpt["args"].get("recipe") and args.recipe is None:
-        args.recipe = ckpt["args"]["recipe"]  # a resumed run keeps its recipe, whatever the command line says
-        apply_recipe(args)
-    config, pretrained = model_from_args(args)
-    grad_accum = check_args(args, config, world_size)
-    train_loader = ShardLoader(args.data_dir, "train", args.batch_size, args.seq_len, rank, world_size,
-                               config.vocab_size, args.bos_aligned, args.shuffle, args.seed)
-    resolve_max_steps(args, len(train_loader.stream))
-    val_stream = TokenStream(args.data_dir, "val", config.vocab_size) if args.val_every else None
-    hellaswag_examples = None
-    if args.hellaswag_every:
-        import hellaswag_eval
-        hellaswag_examples = hellaswag_eval.load_examples(args.hellaswag_file, args.hellaswag_limit)
-    if ckpt is not None:
-        check_compatible(ckpt, config, args, resume_path)
-    use_compile = resolve_compile(args.compile, device)
-
-    if distributed:
-        # torchrun's agent keeps its key-value store across restarts (--max_restarts): without a prefix per attempt,
-        # a restarted rank can read a dead peer's address left over from the attempt before and never connect
-        store, _, _ = next(dist.rendezvous("env://"))
-        store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
-                                world_size=world_size)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 matmuls autocast leaves
-        torch.backends.cudnn.allow_tf32 = True
-    amp_ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-
-    # ---- model and optimizer: identical init on every rank from --seed, then per-rank randomness
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    model = (pretrained if pretrained is not None and ckpt is None else GPT(config)).to(device)
-    del pretrained
-    model.activation_checkpointing = args.activation_checkpointing
-    model.chunked_loss = args.chunked_loss
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])  # whole, before sharding: every checkpoint has the same layout
-    if args.fsdp:
-        shard_model(model, device, world_size)
-    optimizers = configure_optimizers(model, args.optimizer, args, device.type, ortho_dtype=fast_matmul_dtype(device))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    step = 0
-    if ckpt is not None:
-        saved = ckpt["optimizer"]
-        for optimizer, state in zip(optimizers, saved if isinstance(saved, list) else [saved]):
-            optimizer.load_state_dict(shard_optimizer_state(state, optimizer) if args.fsdp else state)
-        scaler.load_state_dict(ckpt["scaler"])
-        train_loader.load_state_dict(ckpt["loader"])
-        step = ckpt["step"]
-        if len(ckpt["rng"]) == world_size:
-            set_rng_state(ckpt["rng"][rank])
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.distributed = self.world_size > 1
+        self.master = self.rank == 0
+        resume_path, ckpt, pretrained = self.check_inputs()
+        self.start_processes()
+        self.build(pretrained if ckpt is None else None, ckpt["model"] if ckpt is not None else None)
+        del pretrained
+        self.step = self.bad_steps = 0
+        if ckpt is not None:
+            self.restore(ckpt, resume_path)
         else:
-            print0(f"checkpoint was written by {len(ckpt['rng'])} ranks, this run has {world_size}: reseeding")
-            torch.manual_seed(args.seed + 7919 * step + rank)
-        print0(f"resumed from {resume_path} at step {step}")
-    else:
-        torch.manual_seed(args.seed + rank)
-    fast_model = torch.compile(model) if use_compile else model  # evaluation shares the compiled graph
-    train_model = fast_model
-    if distributed and not args.fsdp:
-        train_model = nn.parallel.DistributedDataParallel(
-            fast_model, device_ids=[local_rank] if device.type == "cuda" else None)
+            torch.manual_seed(args.seed + self.rank)
+        self.describe(resumed=ckpt is not None)
+        self.trackers = (Trackers(args, self.config, self.step, ckpt.get("wandb_id") if ckpt else None)
+                         if self.master else None)
+        if ckpt is None and (self.val_stream is not None or self.hellaswag_examples is not None):
+            record = {"step": 0, "tokens": 0}
+            self.evaluate(record)
+            self.log(record)
 
-    tokens_per_step = args.total_batch_size
-    n_params = model.num_params()
-    flops_per_step = flops_per_token(config, args.seq_len, n_params) * tokens_per_step
-    peak_flops = device_peak_flops(device, dtype, args.peak_tflops) if master else None
-    # A probed peak is only the best matmul seen at startup, on a machine that may have been busy then; a step that
-    # beats it shows the device can do more, so it becomes the peak and MFU stays a fraction of what is possible.
-    peak_is_probed = device.type == "cpu" and not args.peak_tflops
-    log_path = os.path.join(args.out_dir, "log.jsonl")
-    if master:
+    def check_inputs(self) -> tuple[str | None, dict | None, GPT | None]:
+        """Everything a user can get wrong, checked before a process group, a file or a model exists; returns the
+        checkpoint to resume (path and contents) and --init_from's model."""
+        args = self.args
+        self.device = resolve_device(args.device, self.local_rank)
+        self.dtype = resolve_dtype(args.dtype, self.device)
+        resume_path, ckpt = find_resume_checkpoint(args)
+        if ckpt is not None and ckpt["args"].get("recipe") and args.recipe is None:
+            args.recipe = ckpt["args"]["recipe"]  # a resumed run keeps its recipe, whatever the command line says
+            apply_recipe(args)
+        self.config, pretrained = model_from_args(args)
+        self.grad_accum = check_args(args, self.config, self.world_size)
+        self.train_loader = ShardLoader(args.data_dir, "train", args.batch_size, args.seq_len, self.rank,
+                                        self.world_size, self.config.vocab_size, args.bos_aligned, args.shuffle,
+                                        args.seed)
+        resolve_max_steps(args, len(self.train_loader.stream))
+        self.val_stream = TokenStream(args.data_dir, "val", self.config.vocab_size) if args.val_every else None
+        self.hellaswag_examples = None
+        if args.hellaswag_every:
+            path = args.hellaswag_file or hellaswag_cache_file()
+            if not args.hellaswag_file and not os.path.exists(path):
+                raise UserError(f"--hellaswag_every reads {path}, which is not there: fetch it once with "
+                                "`python hellaswag_eval.py --download`, or pass --hellaswag_file PATH")
+            self.hellaswag_examples = read_hellaswag(path, args.hellaswag_limit)
+        if ckpt is not None:
+            check_compatible(ckpt, self.config, args, resume_path)
+        self.use_compile = resolve_compile(args.compile, self.device)
+        return resume_path, ckpt, pretrained
+
+    def start_processes(self) -> None:
+        """The process group under torchrun; TF32 and the autocast context for the chosen dtype."""
+        if self.distributed:
+            # torchrun's agent keeps its key-value store across restarts (--max_restarts): without a prefix per
+            # attempt, a restarted rank can read a dead peer's address left over from the attempt before and never
+            # connect
+            store, _, _ = next(dist.rendezvous("env://"))
+            store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo", store=store,
+                                    rank=self.rank, world_size=self.world_size)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 matmuls autocast leaves
+            torch.backends.cudnn.allow_tf32 = True
+        self.amp_ctx = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
+
+    def build(self, pretrained: GPT | None, weights: dict | None) -> None:
+        """Model and optimisers: identical init on every rank from --seed (or the checkpoint's weights, loaded
+        whole, before sharding: every checkpoint has the same layout); then sharded (FSDP), compiled and wrapped
+        (DDP) as the flags ask."""
+        args = self.args
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        self.model = (pretrained if pretrained is not None else GPT(self.config)).to(self.device)
+        self.model.activation_checkpointing = args.activation_checkpointing
+        self.model.chunked_loss = args.chunked_loss
+        if weights is not None:
+            self.model.load_state_dict(weights)
+        if args.fsdp:
+            shard_model(self.model, self.device, self.world_size)
+        self.optimizers = configure_optimizers(self.model, args.optimizer, args, self.device.type,
+                                               ortho_dtype=fast_matmul_dtype(self.device))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.fast_model = torch.compile(self.model) if self.use_compile else self.model  # evaluation shares it
+        self.train_model = self.fast_model
+        if self.distributed and not args.fsdp:
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.fast_model, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+        self.tokens_per_step = args.total_batch_size
+        self.flops_per_step = flops_per_token(self.config, args.seq_len, self.model.num_params()) * self.tokens_per_step
+        self.peak_flops = device_peak_flops(self.device, self.dtype, args.peak_tflops) if self.master else None
+        # A probed peak is only the best matmul seen at startup, on a machine that may have been busy then; a step
+        # that beats it shows the device can do more, so it becomes the peak and MFU stays a fraction of what is
+        # possible.
+        self.peak_is_probed = self.device.type == "cpu" and not args.peak_tflops
+        self.log_path = os.path.join(args.out_dir, "log.jsonl")
+
+    def restore(self, ckpt: dict, path: str) -> None:
+        """Optimiser and scaler state, data position, step and random state: the run continues exactly."""
+        args = self.args
+        saved = ckpt["optimizer"]
+        for optimizer, state in zip(self.optimizers, saved if isinstance(saved, list) else [saved]):
+            optimizer.load_state_dict(shard_optimizer_state(state, optimizer) if args.fsdp else state)
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.train_loader.load_state_dict(ckpt["loader"])
+        self.step = ckpt["step"]
+        if len(ckpt["rng"]) == self.world_size:
+            set_rng_state(ckpt["rng"][self.rank])
+        else:
+            print0(f"checkpoint was written by {len(ckpt['rng'])} ranks, this run has {self.world_size}: reseeding")
+            torch.manual_seed(args.seed + 7919 * self.step + self.rank)
+        print0(f"resumed from {path} at step {self.step}")
+
+    def describe(self, resumed: bool) -> None:
+        """The run's out_dir and log (a resumed run's log loses the steps it redoes), and its startup lines."""
+        args = self.args
+        if not self.master:
+            return
         os.makedirs(args.out_dir, exist_ok=True)
-        rewrite_log(log_path, step if ckpt is not None else None)
-        print0(f"model {args.init_from or args.model}: {n_params:,} parameters | device {device} | "
-               f"dtype {str(dtype)[6:]} | compile {use_compile} | world size {world_size}"
+        rewrite_log(self.log_path, self.step if resumed else None)
+        print0(f"model {args.init_from or args.model}: {self.model.num_params():,} parameters | device {self.device} | "
+               f"dtype {str(self.dtype)[6:]} | compile {self.use_compile} | world size {self.world_size}"
                + (" (FSDP)" if args.fsdp else ""))
         optimizer_names = " + ".join(type(o).__name__ + (" (fused)" if o.defaults.get("fused") else "")
-                                     for o in optimizers)
-        print0(f"batch {tokens_per_step:,} tokens = {args.batch_size} x {args.seq_len} x {world_size} ranks x "
-               f"{grad_accum} micro-steps | {len(train_loader.stream):,} train tokens | {optimizer_names}")
+                                     for o in self.optimizers)
+        print0(f"batch {self.tokens_per_step:,} tokens = {args.batch_size} x {args.seq_len} x {self.world_size} "
+               f"ranks x {self.grad_accum} micro-steps | {len(self.train_loader.stream):,} train tokens | "
+               f"{optimizer_names}")
         if args.recipe:
             recipe = RECIPES[args.recipe]
             resolved = " ".join(f"--{flag} {getattr(args, flag):.4g}" if isinstance(getattr(args, flag), float)
                                 else f"--{flag} {getattr(args, flag)}" for flag in [*recipe["flags"], *recipe["fractions"]])
             given = " ".join(f"--{flag}" for flag in args.explicit if flag in recipe["flags"] or flag in recipe["fractions"])
             print0(f"recipe {args.recipe}: {resolved}" + (f" (given on the command line: {given})" if given else ""))
-        if train_loader.rows is not None:
-            skipped = train_loader.skipped_tokens()
-            print0(f"data: {len(train_loader.rows):,} rows of {args.seq_len + 1} tokens"
+        loader = self.train_loader
+        if loader.rows is not None:
+            skipped = loader.skipped_tokens()
+            print0(f"data: {len(loader.rows):,} rows of {args.seq_len + 1} tokens"
                    + (" starting at document starts" if args.bos_aligned else "")
                    + (", shuffled every epoch" if args.shuffle else "")
-                   + f"; {skipped:,} train tokens ({100 * skipped / len(train_loader.stream):.1f}%) skipped")
+                   + f"; {skipped:,} train tokens ({100 * skipped / len(loader.stream):.1f}%) skipped")
 
-    trackers = Trackers(args, config, step, ckpt.get("wandb_id") if ckpt else None) if master else None
+    def set_schedule(self) -> float:
+        """Every group's LR (and Muon's momentum) for the coming step; returns the LR of --lr's groups."""
+        args = self.args
+        scale = lr_at(self.step, 1.0, args.warmup_steps, args.max_steps, args.min_lr_ratio, args.lr_schedule,
+                      args.cooldown_frac)
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = getattr(args, group.get("lr_flag", "lr")) * scale
+                if isinstance(optimizer, Muon):
+                    group["momentum"] = muon_momentum_at(self.step, args.muon_momentum, args.muon_momentum_warmup)
+        return args.lr * scale
 
-    def log(record: dict) -> None:
-        if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            trackers.log(record)
+    def accumulate_gradients(self) -> torch.Tensor:
+        """Forward and backward over the step's micro-batches; returns their mean loss, on the device."""
+        loss_sum = torch.zeros((), device=self.device)
+        for micro_step in range(self.grad_accum):
+            x, y = self.train_loader.next_batch()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            # DDP all-reduces gradients once, on the last micro-step. FSDP reduce-scatters after every backward:
+            # deferring would hold whole unsharded gradients, the memory it is there to save.
+            sync = not self.distributed or self.args.fsdp or micro_step == self.grad_accum - 1
+            with nullcontext() if sync else self.train_model.no_sync():
+                with self.amp_ctx:
+                    _, loss = self.train_model(x, y)
+                loss = loss / self.grad_accum  # the mean over micro-steps, as one large batch would give
+                loss_sum += loss.detach()
+                self.scaler.scale(loss).backward()
+        if self.distributed:
+            dist.all_reduce(loss_sum)
+            loss_sum /= self.world_size
+        return loss_sum
 
-    def evaluate(record: dict) -> None:
-        """Validation loss, HellaSwag and a sample, as the flags ask; every rank takes part."""
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimisation step: the schedule, the gradients, clipping, and the update unless the loss or the
+        gradient norm is not finite. Returns the LR, the mean loss and the gradient norm."""
+        args = self.args
+        lr = self.set_schedule()
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum = self.accumulate_gradients()
+        for optimizer in self.optimizers:
+            self.scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip or float("inf"))
+        if isinstance(grad_norm, DTensor):  # FSDP: the norm over every rank's shards
+            grad_norm = grad_norm.full_tensor()
+        # the step's one host sync: the device runs ahead of Python everywhere else
+        train_loss, grad_norm = torch.stack([loss_sum, grad_norm.float()]).tolist()
+        # every rank sees the same all-reduced loss and gradients, so every rank makes the same decision here;
+        # with fp16, overflowing gradients are the GradScaler's business (it skips the step and lowers the scale)
+        if math.isfinite(train_loss) and (self.scaler.is_enabled() or math.isfinite(grad_norm)):
+            for optimizer in self.optimizers:
+                self.scaler.step(optimizer)
+            self.bad_steps = 0
+        else:
+            self.bad_steps += 1
+            print0(f"step {self.step + 1:5d} | non-finite loss or gradient norm: update skipped "
+                   f"({self.bad_steps} in a row)")
+            if self.bad_steps >= args.max_bad_steps:
+                raise UserError(f"stopping at step {self.step + 1}: {self.bad_steps} steps in a row had a non-finite "
+                                "loss or gradient norm; lower --lr or resume from an earlier checkpoint")
+        self.scaler.update()
+        self.step += 1
+        return lr, train_loss, grad_norm
+
+    def step_record(self, lr: float, train_loss: float, grad_norm: float, dt: float) -> dict:
+        """The step's log record, and its printed line: loss, LR, gradient norm, time, throughput, MFU."""
+        if self.peak_is_probed and self.peak_flops:
+            self.peak_flops = max(self.peak_flops, self.flops_per_step / dt / self.world_size)
+        mfu = self.flops_per_step / dt / (self.peak_flops * self.world_size) if self.peak_flops else None
+        record = {"step": self.step, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+                  "tokens": self.step * self.tokens_per_step, "dt_ms": 1000 * dt,
+                  "tok_per_s": self.tokens_per_step / dt, "mfu": mfu}
+        print0(f"step {self.step:5d}/{self.args.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
+               f"norm {grad_norm:.3f} | {1000 * dt:.1f} ms | {record['tok_per_s']:,.0f} tok/s"
+               + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""))
+        return record
+
+    def evaluate(self, record: dict) -> None:
+        """Validation loss, HellaSwag and a sample, as the flags ask, into the record; every rank takes part."""
+        args, step = self.args, self.step
         last = step == args.max_steps
-        fast_model.eval()
-        if val_stream is not None and (step % args.val_every == 0 or last):
-            val_loss, n_tokens = evaluate_loss(fast_model, val_stream, args.batch_size, args.seq_len, args.val_tokens,
-                                               device, amp_ctx, rank, world_size)
+        self.fast_model.eval()
+        if self.val_stream is not None and (step % args.val_every == 0 or last):
+            val_loss, n_tokens = evaluate_loss(self.fast_model, self.val_stream, args.batch_size, args.seq_len,
+                                               args.val_tokens, self.device, self.amp_ctx, self.rank, self.world_size)
             record["val_loss"] = val_loss
             print0(f"step {step:5d} | val loss {val_loss:.4f} over {n_tokens:,} tokens")
-        if hellaswag_examples is not None and (step % args.hellaswag_every == 0 or last):
-            import hellaswag_eval
+        if self.hellaswag_examples is not None and (step % args.hellaswag_every == 0 or last):
             # eager model: the ragged HellaSwag batches would make a compiled graph recompile for every shape
-            result = hellaswag_eval.evaluate(model, hellaswag_examples, device,
-                                             rank=rank, world_size=world_size, autocast_dtype=dtype)
+            result = evaluate_hellaswag(self.model, self.hellaswag_examples, self.device, rank=self.rank,
+                                        world_size=self.world_size, autocast_dtype=self.dtype)
             record["hellaswag_acc_norm"] = result["acc_norm"]  # per token, as llm.c reports it
             record["hellaswag_acc_norm_chars"] = result["acc_norm_chars"]  # per character, as lm-eval does
             print0(f"step {step:5d} | hellaswag acc_norm {result['acc_norm']:.4f} "
                    f"acc_norm_chars {result['acc_norm_chars']:.4f} over {result['n']} examples")
-        fast_model.train()
+        self.fast_model.train()
         if args.sample_every and step > 0 and (step % args.sample_every == 0 or last):
-            text = sample_text(model, args.prompt, args.sample_tokens, args.top_k, args.seed + rank, device, amp_ctx)
+            text = sample_text(self.model, args.prompt, args.sample_tokens, args.top_k, args.seed + self.rank,
+                               self.device, self.amp_ctx)
             print0(f"step {step:5d} | sample: {text!r}")
 
-    def save() -> None:
-        rngs = [None] * world_size
-        if distributed:
+    def log(self, record: dict) -> None:
+        """One line of log.jsonl, mirrored to TensorBoard and W&B; rank 0 only."""
+        if self.master:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.trackers.log(record)
+
+    def checkpoint(self) -> dict | None:
+        """Everything a resume needs, gathered to rank 0 (None on the other ranks); refuses non-finite weights."""
+        args = self.args
+        rngs = [None] * self.world_size
+        if self.distributed:
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs = [rng_state()]
         finite = torch.tensor(float(all(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all()
-                                        for p in model.parameters())), device=device)
+                                        for p in self.model.parameters())), device=self.device)
         if args.fsdp:  # each rank sees only its own shards
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not finite.item():
-            raise UserError(f"refusing to save step {step}: the weights are not finite; resume from an earlier checkpoint")
-        model_state, optimizer_states = model.state_dict(keep_vars=args.fsdp), [o.state_dict() for o in optimizers]
+            raise UserError(f"refusing to save step {self.step}: the weights are not finite; "
+                            "resume from an earlier checkpoint")
+        model_state = self.model.state_dict(keep_vars=args.fsdp)
+        optimizer_states = [o.state_dict() for o in self.optimizers]
         if args.fsdp:
-            model_state, optimizer_states = gather_sharded([model_state, optimizer_states], keep=master)
-        if master:
-            path = checkpoint_path(args.out_dir, step)
-            # read back before the rename (memory-mapped, so cheap): an unreadable file never replaces a good one
-            verify = lambda tmp: torch.load(tmp, map_location="cpu", weights_only=True, mmap=True)  # noqa: E731
-            try:
-                with atomic_write(path, verify=verify) as f:
-                    torch.save({
-                        "model": model_state, "optimizer": optimizer_states,
-                        "scaler": scaler.state_dict(), "step": step, "loader": train_loader.state_dict(),
-                        "rng": rngs, "config": asdict(config), "args": vars(args), "wandb_id": trackers.wandb_id,
-                    }, f)
-            except OSError as e:
-                raise UserError(f"could not write {path} ({e.strerror or e}); the earlier checkpoints are intact: "
-                                "free some space, then continue with --resume auto") from None
-            print0(f"step {step:5d} | saved {path}")
-            if args.keep_last:
-                for old in list_checkpoints(args.out_dir)[:-args.keep_last]:
-                    os.remove(old)
+            model_state, optimizer_states = gather_sharded([model_state, optimizer_states], keep=self.master)
+        if not self.master:
+            return None
+        return {"model": model_state, "optimizer": optimizer_states, "scaler": self.scaler.state_dict(),
+                "step": self.step, "loader": self.train_loader.state_dict(), "rng": rngs,
+                "config": asdict(self.config), "args": vars(args), "wandb_id": self.trackers.wandb_id}
 
-    if ckpt is None and (val_stream is not None or hellaswag_examples is not None):
-        record = {"step": 0, "tokens": 0}
-        evaluate(record)
-        log(record)
-    del ckpt  # the optimizer and model hold copies; the checkpoint's tensors need not stay in memory
+    def save(self) -> None:
+        """The checkpoint of this step, written atomically and read back before it takes its name; then the oldest
+        beyond --keep_last go."""
+        state = self.checkpoint()
+        if state is None:
+            return
+        path = checkpoint_path(self.args.out_dir, self.step)
+        # read back before the rename (memory-mapped, so cheap): an unreadable file never replaces a good one
+        verify = lambda tmp: torch.load(tmp, map_location="cpu", weights_only=True, mmap=True)  # noqa: E731
+        try:
+            with atomic_write(path, verify=verify) as f:
+                torch.save(state, f)
+        except OSError as e:
+            raise UserError(f"could not write {path} ({e.strerror or e}); the earlier checkpoints are intact: "
+                            "free some space, then continue with --resume auto") from None
+        print0(f"step {self.step:5d} | saved {path}")
+        if self.args.keep_last:
+            for old in list_checkpoints(self.args.out_dir)[:-self.args.keep_last]:
+                os.remove(old)
 
-    stop_at = min(args.max_steps, args.stop_at_step or args.max_steps)
-    preempted = PreemptionFlag()
-    try:
-        bad_steps = 0
-        t_last = time.perf_counter()  # the previous step's host sync: a step is timed from sync to sync
-        while step < stop_at:
-            lr_scale = lr_at(step, 1.0, args.warmup_steps, args.max_steps, args.min_lr_ratio, args.lr_schedule,
-                             args.cooldown_frac)
-            lr = args.lr * lr_scale
-            for optimizer in optimizers:
-                for group in optimizer.param_groups:
-                    group["lr"] = getattr(args, group.get("lr_flag", "lr")) * lr_scale
-                    if isinstance(optimizer, Muon):
-                        group["momentum"] = muon_momentum_at(step, args.muon_momentum, args.muon_momentum_warmup)
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), device=device)
-            for micro_step in range(grad_accum):
-                x, y = train_loader.next_batch()
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                # DDP all-reduces gradients once, on the last micro-step. FSDP reduce-scatters after every backward:
-                # deferring would hold whole unsharded gradients, the memory it is there to save.
-                sync = not distributed or args.fsdp or micro_step == grad_accum - 1
-                with nullcontext() if sync else train_model.no_sync():
-                    with amp_ctx:
-                        _, loss = train_model(x, y)
-                    loss = loss / grad_accum  # the mean over micro-steps, as one large batch would give
-                    loss_sum += loss.detach()
-                    scaler.scale(loss).backward()
-            if distributed:
-                dist.all_reduce(loss_sum)
-                loss_sum /= world_size
-            for optimizer in optimizers:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-            if isinstance(grad_norm, DTensor):  # FSDP: the norm over every rank's shards
-                grad_norm = grad_norm.full_tensor()
-            # every rank sees the same all-reduced loss and gradients, so every rank makes the same decision here;
-            # with fp16, overflowing gradients are the GradScaler's business (it skips the step and lowers the scale)
-            # the step's one host sync: the device runs ahead of Python everywhere else
-            train_loss, grad_norm = torch.stack([loss_sum, grad_norm.float()]).tolist()
-            t_sync = time.perf_counter()
-            dt, t_last = t_sync - t_last, t_sync
-            finite = math.isfinite(train_loss) and (scaler.is_enabled() or math.isfinite(grad_norm))
-            if finite:
-                for optimizer in optimizers:
-                    scaler.step(optimizer)
-                bad_steps = 0
-            else:
-                bad_steps += 1
-                print0(f"step {step + 1:5d} | non-finite loss or gradient norm: update skipped ({bad_steps} in a row)")
-                if bad_steps >= args.max_bad_steps:
-                    raise UserError(f"stopping at step {step + 1}: {bad_steps} steps in a row had a non-finite loss or "
-                                    "gradient norm; lower --lr or resume from an earlier checkpoint")
-            scaler.update()
-            step += 1
+    def run(self) -> None:
+        """Steps until --max_steps (or --stop_at_step, or a signal), each evaluated, logged and checkpointed as the
+        flags ask. A step's time runs from the end of the one before, less what that one spent on evaluation,
+        logging and checkpoints."""
+        args = self.args
+        stop_at = min(args.max_steps, args.stop_at_step or args.max_steps)
+        preempted = PreemptionFlag()
+        try:
+            t_last = time.perf_counter()
+            while self.step < stop_at:
+                lr, train_loss, grad_norm = self.train_step()
+                t_sync = time.perf_counter()
+                dt, t_last = t_sync - t_last, t_sync
+                record = self.step_record(lr, train_loss, grad_norm, dt)
+                self.evaluate(record)
+                self.log(record)
+                stop_now = preempted.agreed(self.device, self.distributed)
+                if (args.save_every and self.step % args.save_every == 0) or self.step == stop_at or stop_now:
+                    self.save()
+                t_last += time.perf_counter() - t_sync  # evaluation and checkpoints are not the next step's time
+                if stop_now:
+                    print0(f"step {self.step:5d} | stopping after {preempted.name or 'a signal to another rank'}; "
+                           "continue with --resume auto")
+                    break
+        finally:
+            preempted.restore()
+            if self.trackers is not None:
+                self.trackers.close()
+        if self.distributed:
+            dist.destroy_process_group()
 
-            if peak_is_probed and peak_flops:
-                peak_flops = max(peak_flops, flops_per_step / dt / world_size)
-            mfu = flops_per_step / dt / (peak_flops * world_size) if peak_flops else None
-            record = {"step": step, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens": step * tokens_per_step, "dt_ms": 1000 * dt, "tok_per_s": tokens_per_step / dt, "mfu": mfu}
-            print0(f"step {step:5d}/{args.max_steps} | loss {record['train_loss']:.4f} | lr {lr:.2e} | "
-                   f"norm {record['grad_norm']:.3f} | {1000 * dt:.1f} ms | {record['tok_per_s']:,.0f} tok/s"
-                   + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""))
-            t_pause = time.perf_counter()
-            evaluate(record)
-            log(record)
-            stop_now = preempted.agreed(device, distributed)
-            if (args.save_every and step % args.save_every == 0) or step == stop_at or stop_now:
-                save()
-            t_last += time.perf_counter() - t_pause  # evaluation and checkpoints are not the next step's time
-            if stop_now:
-                print0(f"step {step:5d} | stopping after {preempted.name or 'a signal to another rank'}; continue with --resume auto")
-                break
-    finally:
-        preempted.restore()
-        if trackers is not None:
-            trackers.close()
 
-    if distributed:
-        dist.destroy_process_group()
+def train(args: argparse.Namespace) -> None:
+    Trainer(args).run()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2260,9 +2596,8 @@ def print_loader_speed(args: argparse.Namespace, device: torch.device, step_tok_
           f"{100 * step_tok_per_s / loader_tok_per_s:.2f}% of a step")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Pretrain GPT-2 on uint16 token shards (one CPU, one GPU, or torchrun).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def model_flags(p: argparse.ArgumentParser) -> None:
+    """The architecture: a size preset and what may override it, or --init_from's pretrained model."""
     g = p.add_argument_group("model")
     g.add_argument("--model", default="gpt2", help=f"size preset: {', '.join(PRESETS)}")
     g.add_argument("--n_layer", type=int, default=None, help="override the preset's number of transformer blocks")
@@ -2300,6 +2635,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--init_from", default=None, metavar="NAME_OR_DIR",
                    help="start from Hugging Face weights (gpt2, gpt2-medium, ... or a local GPT-2/Llama directory); "
                         "the architecture comes from there")
+
+
+def data_flags(p: argparse.ArgumentParser) -> None:
+    """The token shards and how a batch is read from them."""
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", default="data/edu_fineweb10B",
                    help="folder of *train* and *val* shards (.bin from prepare_fineweb.py or llm.c, or .npy)")
@@ -2312,6 +2651,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "into row-sized pieces); the startup line says how many tokens that skips")
     g.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=False,
                    help="read the training rows in a permutation seeded by --seed and the epoch, not in file order")
+
+
+def optimization_flags(p: argparse.ArgumentParser) -> None:
+    """Length of the run, optimisers, learning rates and their schedule."""
     g = p.add_argument_group("optimization")
     g.add_argument("--max_steps", type=int, default=None,
                    help=f"optimizer steps; the LR schedule ends here (default {DEFAULT_MAX_STEPS}: 10B tokens at 0.5M a step)")
@@ -2348,6 +2691,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--weight_decay", type=float, default=0.1, help="AdamW decay on matrices and embeddings")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this (0 = off)")
     g.add_argument("--seed", type=int, default=1337, help="seed for init, data order is fixed; runs are repeatable")
+
+
+def system_flags(p: argparse.ArgumentParser) -> None:
+    """Device, precision, parallelism and the speed/memory switches."""
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="auto picks cuda, then mps, then cpu")
@@ -2365,6 +2712,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.compile the model (default: on for CUDA, off otherwise)")
     g.add_argument("--peak_tflops", type=float, default=None,
                    help="device peak TFLOP/s for MFU (default: a GPU table, or a matmul probe on CPU)")
+
+
+def evaluation_flags(p: argparse.ArgumentParser) -> None:
+    """Validation loss, HellaSwag, samples and experiment tracking during training."""
     g = p.add_argument_group("evaluation and sampling")
     g.add_argument("--val_every", type=int, default=250, help="validation loss every N steps (0 = never)")
     g.add_argument("--val_tokens", type=int, default=10_485_760,
@@ -2372,7 +2723,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--hellaswag_every", type=int, default=0, help="HellaSwag accuracy every N steps (0 = never)")
     g.add_argument("--hellaswag_limit", type=int, default=None, help="evaluate only the first N HellaSwag examples")
     g.add_argument("--hellaswag_file", default=None,
-                   help="local HellaSwag val jsonl (default: download once and cache)")
+                   help="local HellaSwag val jsonl (default: the copy `hellaswag_eval.py --download` caches)")
     g.add_argument("--sample_every", type=int, default=1000, help="print a sample every N steps (0 = never)")
     g.add_argument("--prompt", default="Hello, I'm a language model,", help="text the samples continue")
     g.add_argument("--sample_tokens", type=int, default=32, help="tokens per sample")
@@ -2381,6 +2732,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also write every log.jsonl record as TensorBoard scalars under OUT_DIR/tensorboard")
     g.add_argument("--wandb", metavar="PROJECT", default=None,
                    help="also log every log.jsonl record to this W&B project (WANDB_MODE=offline: no network)")
+
+
+def checkpoint_flags(p: argparse.ArgumentParser) -> None:
+    """Where checkpoints go, resuming, and when a run stops on its own."""
     g = p.add_argument_group("checkpoints")
     g.add_argument("--out_dir", default="out", help="checkpoints (ckpt_<step>.pt) and log.jsonl go here")
     g.add_argument("--save_every", type=int, default=1000,
@@ -2393,6 +2748,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stop after this many steps in a row with a non-finite loss or gradient norm (each skipped)")
     g.add_argument("--stop_at_step", type=int, default=None,
                    help="save and stop after this step without changing the LR schedule (for time-limited jobs)")
+
+
+def command_flags(p: argparse.ArgumentParser) -> None:
+    """Export, benchmark and sampling, instead of training."""
     g = p.add_argument_group("other commands (instead of training)")
     g.add_argument("--export_hf", default=None, metavar="DIR",
                    help="write the --resume checkpoint as a Hugging Face model directory (GPT-2 or Llama layout) and exit")
@@ -2408,6 +2767,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--int8", action="store_true",
                    help="with --sample_only on CPU: also sample from an int8 copy of the linear layers, and report its speed-up "
                         "and validation-loss change on --data_dir")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Pretrain GPT-2 on uint16 token shards (one CPU, one GPU, or torchrun).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for add_flags in (model_flags, data_flags, optimization_flags, system_flags, evaluation_flags, checkpoint_flags, command_flags):
+        add_flags(p)
     args = p.parse_args(argv)
     for action in p._actions:  # parse again with no defaults: what is left is what the command line says itself
         action.default = argparse.SUPPRESS

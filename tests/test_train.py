@@ -316,3 +316,52 @@ def test_hellaswag_in_the_loop_matches_the_checkpoint(data_dir, tmp_path):
     expected = hellaswag_eval.evaluate(model, hellaswag_eval.load_examples(sample, 10), "cpu",
                                        autocast_dtype=torch.float32)
     assert logged[-1] == expected["acc_norm"]
+
+
+def test_hellaswag_default_file_is_the_one_hellaswag_eval_downloads(data_dir, tmp_path):
+    """Without --hellaswag_file the trainer reads the cached copy; absent, it says in one line how to fetch it.
+    The fetch is hellaswag_eval.py --download (from a local server here), into the same cache."""
+    from test_hellaswag import _Server
+
+    sample = os.path.join(ROOT, "tests", "data", "hellaswag_sample.jsonl")
+    body = open(sample, "rb").read()
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    args = TINY + ["--data_dir", data_dir, "--max_steps", "1", "--hellaswag_every", "1", "--hellaswag_limit", "5"]
+    r = run_cli(args + ["--out_dir", str(tmp_path / "a")], env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "hellaswag_eval.py --download" in r.stderr
+    assert not os.path.exists(tmp_path / "a" / "log.jsonl")
+
+    server = _Server(body)
+    try:
+        code = "import sys, hellaswag_eval as H; H.HELLASWAG_URL = sys.argv[1]; sys.exit(H.main(['--download']))"
+        fetched = subprocess.run([sys.executable, "-c", code, server.url], capture_output=True, text=True, cwd=ROOT,
+                                 env={**os.environ, **env}, timeout=120)
+    finally:
+        server.close()
+    assert fetched.returncode == 0, fetched.stderr
+    assert (tmp_path / "cache" / "gpt2-trainer" / "hellaswag_val.jsonl").read_bytes() == body
+
+    r = run_cli(args + ["--out_dir", str(tmp_path / "b")], env)
+    assert r.returncode == 0, r.stderr
+    with_file = run_cli(args + ["--out_dir", str(tmp_path / "c"), "--hellaswag_file", sample], env)
+    assert with_file.returncode == 0, with_file.stderr
+    hellaswag = lambda out: [rec["hellaswag_acc_norm"] for rec in read_log(out) if "hellaswag_acc_norm" in rec]  # noqa: E731
+    assert len(hellaswag(tmp_path / "b")) == 2 and hellaswag(tmp_path / "b") == hellaswag(tmp_path / "c")
+
+
+def test_imports_run_one_way():
+    """train_gpt2.py imports neither helper script; both helpers import train_gpt2."""
+    import ast
+
+    def imported(name):
+        tree = ast.parse(open(os.path.join(ROOT, name)).read())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+        return names
+
+    assert not imported("train_gpt2.py") & {"hellaswag_eval", "prepare_fineweb"}
+    assert "train_gpt2" in imported("hellaswag_eval.py") and "train_gpt2" in imported("prepare_fineweb.py")
