@@ -13,8 +13,9 @@ to the moment its last shard has its final name on disk (the file's ctime: our s
 peer's are written in place), so it includes Python start-up, imports, opening the dataset and starting workers.
 Peak memory is reported twice, both sampled every 20 ms: the largest resident high-water mark of any one process of
 the run, and the largest sum of resident sets over its processes (forked workers count the pages they share with
-their parent again). The two outputs must hold the same token stream. Last, start-up costs alone: interpreter,
-imports.
+their parent again). The two outputs must hold the same token stream. Then the ceiling: tiktoken alone on the same
+documents in --num_proc processes, with no start-up, reading or writing timed. Last, start-up costs alone:
+interpreter, imports.
 
 The peer runs from a temporary copy of the clone's fineweb.py in which exactly these lines are replaced (each must
 occur once, so a changed upstream file stops the benchmark instead of timing something else):
@@ -142,6 +143,25 @@ def token_stream(paths: list[str]) -> np.ndarray:
     return np.concatenate([train_gpt2.read_shard(p) for p in paths])
 
 
+def _encode_share(corpus: str, share: int, shares: int) -> tuple[int, float]:
+    import pyarrow.parquet as pq
+    texts = pq.read_table(corpus, columns=["text"]).column("text").to_pylist()[share::shares]
+    enc = train_gpt2.get_tokenizer()
+    enc.encode_ordinary_batch(texts[:2], num_threads=1)  # first-call set-up is not tokenising
+    t0 = time.perf_counter()
+    n = sum(len(ids) for ids in enc.encode_ordinary_batch(texts, num_threads=1))
+    return n, time.perf_counter() - t0
+
+
+def tokenizer_ceiling(corpus: str, num_proc: int) -> float:
+    """Tokens/s of tiktoken alone on the corpus, in num_proc processes with nothing else to do (no start-up, no
+    reading, no writing): what no prepare script can beat on this machine, since tokenising is what it must do."""
+    import multiprocessing
+    with multiprocessing.get_context("spawn").Pool(num_proc) as pool:
+        parts = pool.starmap(_encode_share, [(corpus, i, num_proc) for i in range(num_proc)])
+    return sum(n for n, _ in parts) / max(dt for _, dt in parts)
+
+
 def cpu_description() -> str:
     model, flags = platform.processor() or platform.machine(), set()
     try:
@@ -196,6 +216,7 @@ def main() -> None:
               f"shard size {args.shard_size:,}; --num_proc {args.num_proc} for both; same token stream: {same}")
         if not same:
             sys.exit("the two outputs differ")
+        ceiling = tokenizer_ceiling(corpus, args.num_proc)
         runs: dict[str, list[dict]] = {"ours": [], "peer": []}
         print("| round | ours tokens/s | peer tokens/s | ratio | ours s (wall) | peer s (wall) | load |")
         print("|---|---|---|---|---|---|---|")
@@ -216,6 +237,8 @@ def main() -> None:
               f"{max(r['peak'] for r in runs[n]) / 2**20:.0f} MiB summed over its processes")
     print(f"ratio ours/peer: median {med['peer'] / med['ours']:.2f}x, per round "
           f"{' '.join(f'{x:.2f}' for x in ratios)}; load average after: {load()}")
+    print(f"tiktoken alone, {args.num_proc} processes, nothing else: {ceiling / 1e6:.2f} M tokens/s = "
+          f"{ceiling * med['peer'] / tokens:.2f}x the peer's end-to-end rate, the most any script could reach")
     ours_dir = os.path.dirname(os.path.abspath(args.ours))
     print(f"start-up alone: import prepare_fineweb {import_seconds('import prepare_fineweb', ours_dir):.2f} s "
           f"(python -c 'import torch' {import_seconds('import torch', ours_dir):.2f} s, "
