@@ -64,6 +64,7 @@ from train_gpt2 import (GPT2_VOCAB_SIZE, HELLASWAG_BATCH_SIZE, HELLASWAG_FILENAM
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 TEXTS = ("raw", "lm_eval")  # the text that is scored: the file's ctx and endings as they are, or lm_eval_text's
 DEFAULT_BATCH_SIZE = HELLASWAG_BATCH_SIZE
+default_data_file = hellaswag_cache_file  # $XDG_CACHE_HOME/gpt2-trainer/hellaswag_val.jsonl, else under ~/.cache
 DOWNLOAD_TIMEOUT_S = 60
 
 # GPT-2 124M reference lines for plots
@@ -73,15 +74,6 @@ GPT2_124M_FINEWEB_VAL_LOSS = 3.29  # OpenAI GPT-2 124M evaluated on a FineWeb va
 
 # ----------------------------------------------------------------------------------------------------------------
 # data
-
-
-def cache_dir() -> str:
-    """Where the downloaded validation file is kept: $XDG_CACHE_HOME/gpt2-trainer, else ~/.cache/gpt2-trainer."""
-    return os.path.dirname(hellaswag_cache_file())
-
-
-def default_data_file() -> str:
-    return hellaswag_cache_file()
 
 
 def download_val(dest: str | None = None, url: str | None = None) -> str:

@@ -2215,7 +2215,8 @@ class Trainer:
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.fast_model, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
         self.tokens_per_step = args.total_batch_size
-        self.flops_per_step = flops_per_token(self.config, args.seq_len, self.model.num_params()) * self.tokens_per_step
+        self.n_params = self.model.num_params()
+        self.flops_per_step = flops_per_token(self.config, args.seq_len, self.n_params) * self.tokens_per_step
         self.peak_flops = device_peak_flops(self.device, self.dtype, args.peak_tflops) if self.master else None
         # A probed peak is only the best matmul seen at startup, on a machine that may have been busy then; a step
         # that beats it shows the device can do more, so it becomes the peak and MFU stays a fraction of what is
@@ -2246,7 +2247,7 @@ class Trainer:
             return
         os.makedirs(args.out_dir, exist_ok=True)
         rewrite_log(self.log_path, self.step if resumed else None)
-        print0(f"model {args.init_from or args.model}: {self.model.num_params():,} parameters | device {self.device} | "
+        print0(f"model {args.init_from or args.model}: {self.n_params:,} parameters | device {self.device} | "
                f"dtype {str(self.dtype)[6:]} | compile {self.use_compile} | world size {self.world_size}"
                + (" (FSDP)" if args.fsdp else ""))
         optimizer_names = " + ".join(type(o).__name__ + (" (fused)" if o.defaults.get("fused") else "")
