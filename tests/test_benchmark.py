@@ -156,7 +156,8 @@ def test_chunked_loss_gives_the_plain_loss_and_gradients(monkeypatch, overrides)
 @pytest.mark.parametrize("kernel", ["xent_chunk", "xent_chunk_traced"])
 def test_chunk_kernels_give_the_reference_loss_and_gradient(kernel, cap):
     """Both formulations of a chunk's loss (the in-place one run eagerly, the pure one torch.compile traces)
-    against float64 autograd: sum(scale * cross-entropy) of softcap(z) + bias, ignored targets contributing nothing."""
+    against float64 autograd: sum(scale * cross-entropy) of softcap(z) + bias, where the bias puts the padding ids
+    (37 on) at -inf, ignored targets contributing nothing."""
     torch.manual_seed(0)
     logits = torch.randn(6, 40) * 4
     bias = torch.zeros(40)
@@ -164,7 +165,7 @@ def test_chunk_kernels_give_the_reference_loss_and_gradient(kernel, cap):
     targets = torch.tensor([3, -1, 36, 0, -1, 17])
     valid = targets != -1
     scale = valid / valid.sum()
-    loss, grad = getattr(tg, kernel)(logits.clone(), targets, scale, bias, cap)
+    loss, grad = getattr(tg, kernel)(logits.clone(), targets, scale, 37, cap)
     z = logits.double().requires_grad_()
     capped = cap * torch.tanh(z / cap) if cap else z
     logp = torch.log_softmax(capped + bias.double(), dim=-1)
@@ -195,6 +196,28 @@ def test_chunked_loss_lowers_peak_memory(monkeypatch):
         peaks[chunked] = rss.peak - rss._rss()  # above the level the process returns to afterwards
     logits_bytes = 8 * 256 * 50304 * 4
     assert peaks[False] - peaks[True] > logits_bytes, {k: v / 2**20 for k, v in peaks.items()}
+
+
+def test_compiled_chunk_has_no_matmul_bias_copy():
+    """Inductor on a CPU folds `mm + broadcast bias` into an addmm that first copies the bias into the whole
+    (rows x vocabulary) output; the chunked loss masks the padding ids by column index instead, so its compiled fp32
+    forward is plain matmuls and fused kernels: no addmm and no copy of a logits-sized tensor, with the eager loss."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 32, requires_grad=True)
+    weight = (torch.randn(512, 32) * 0.1).requires_grad_()
+    targets = torch.randint(0, 500, (64,))
+
+    def loss_of(x, weight):
+        return tg.ChunkedCrossEntropy.apply(x, weight, 500, targets, 64, True, 0.0)
+
+    compiled = torch.compile(loss_of, backend="inductor", fullgraph=True)
+    compiled(x, weight)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        loss = compiled(x, weight)
+    ops = [(e.name, e.input_shapes) for e in prof.events()]
+    assert not [op for op in ops if op[0] == "aten::addmm"], ops
+    assert not [op for op in ops if op[0] == "aten::copy_" and [64, 512] in op[1]], ops
+    assert loss.item() == pytest.approx(loss_of(x, weight).item(), rel=1e-5)
 
 
 def test_loader_speed_is_set_beside_the_step(tmp_path):
