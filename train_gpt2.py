@@ -34,9 +34,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BPE_RANKS_PATH = os.path.join(HERE, "data", "gpt2.tiktoken")
@@ -1655,13 +1652,20 @@ def load_checkpoint_model(path: str, device: str = "cpu") -> GPT:
     return model_from_checkpoint(load_checkpoint(path)).to(device)
 
 
+def is_dtensor(t: object) -> bool:
+    """Whether t is an FSDP shard. One can exist only once --fsdp has imported torch.distributed.tensor, so no other
+    run pays that import (1.5 s of every start on a 2-core CPU)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def gather_sharded(state, keep: bool, _seen: dict | None = None):
     """A (nested) state dict with every FSDP-sharded tensor gathered whole onto the CPU, so a checkpoint has one
     layout whether it was trained with FSDP, DDP or on one device. Every rank must call it (each gather is a
     collective); only a rank with keep=True holds the result, the others get None in those places. A tensor that
     appears twice (the tied embedding, in a state_dict(keep_vars=True)) is gathered once."""
     seen = {} if _seen is None else _seen
-    if isinstance(state, DTensor):
+    if is_dtensor(state):
         if id(state) not in seen:
             with torch.no_grad():
                 full = state.full_tensor()
@@ -1677,12 +1681,13 @@ def gather_sharded(state, keep: bool, _seen: dict | None = None):
 def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict:
     """A saved (whole-tensor) optimizer state dict cut into the shards of this rank's FSDP parameters, so any
     checkpoint resumes under --fsdp. Every rank holds the whole checkpoint, so each cuts its own piece; no traffic."""
+    from torch.distributed.tensor import distribute_tensor
     params = [p for group in optimizer.param_groups for p in group["params"]]
     sharded = {}
     for i, per_param in state["state"].items():
         p = params[i]
         sharded[i] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-                      if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.shape else v
+                      if is_dtensor(p) and torch.is_tensor(v) and v.shape == p.shape else v
                       for k, v in per_param.items()}
     return {**state, "state": sharded}
 
@@ -2066,6 +2071,8 @@ def shard_model(model: GPT, device: torch.device, world_size: int) -> None:
     """FSDP2, in place: every Block, then the rest (embeddings, final norm, head) as the root. A block's parameters
     are gathered just before it runs and freed after it, so a rank holds 1/world_size of the parameters, gradients
     and optimizer state, plus about one whole block at a time."""
+    from torch.distributed.device_mesh import init_device_mesh  # here, so only --fsdp pays the import (see is_dtensor)
+    from torch.distributed.fsdp import fully_shard
     # the logits are returned as a view; FSDP warns in case a caller edits them in place, which nothing here does
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
     mesh = init_device_mesh(device.type, (world_size,))
@@ -2314,7 +2321,7 @@ class Trainer:
         for optimizer in self.optimizers:
             self.scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip or float("inf"))
-        if isinstance(grad_norm, DTensor):  # FSDP: the norm over every rank's shards
+        if is_dtensor(grad_norm):  # FSDP: the norm over every rank's shards
             grad_norm = grad_norm.full_tensor()
         # the step's one host sync: the device runs ahead of Python everywhere else
         train_loss, grad_norm = torch.stack([loss_sum, grad_norm.float()]).tolist()
@@ -2387,7 +2394,7 @@ class Trainer:
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs = [rng_state()]
-        finite = torch.tensor(float(all(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all()
+        finite = torch.tensor(float(all(torch.isfinite(p.to_local() if is_dtensor(p) else p).all()
                                         for p in self.model.parameters())), device=self.device)
         if args.fsdp:  # each rank sees only its own shards
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)

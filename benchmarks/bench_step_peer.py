@@ -13,7 +13,8 @@ native bf16, as ours then runs), backward, clip_grad_norm_(1.0), AdamW (fused on
 Ours is time_training_step, the step --benchmark times: the default chunked head + cross-entropy, or the plain
 head with --plain. Each variant is timed eagerly and under torch.compile; each round times every variant once, in
 the same order, so that whatever else the machine does slows all alike. The table gives the median over rounds of
-each variant's median step and each one's speed relative to the peer's compiled step.
+each variant's median step and each one's speed relative to the peer's compiled step, then the median of the
+per-round ratios of the compiled steps (ours against the peer's in the same round), which a noisy machine moves less.
 """
 
 from __future__ import annotations
@@ -130,6 +131,9 @@ def main() -> None:
     for name, _, _ in variants:
         ms = statistics.median(times[name])
         print(f"| {name} | {ms:.0f} | {1000 * tokens / ms:,.0f} | {reference / ms:.2f}x |")
+    ratios = [peer / ours for peer, ours in zip(times["build-nanogpt compiled"], times["ours compiled"])]
+    print(f"ours compiled vs build-nanogpt compiled, per round: {', '.join(f'{r:.2f}x' for r in ratios)}; "
+          f"median {statistics.median(ratios):.2f}x")
 
 
 if __name__ == "__main__":

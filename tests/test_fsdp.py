@@ -61,7 +61,8 @@ def test_fsdp_checkpoint_is_whole_and_resumes_bit_identically(runs):
     ckpt = torch.load(os.path.join(out["fsdp"], "ckpt_0000004.pt"), map_location="cpu", weights_only=True)
     reference = tg.GPT(tg.GPTConfig(**ckpt["config"])).state_dict()
     assert {k: v.shape for k, v in ckpt["model"].items()} == {k: v.shape for k, v in reference.items()}
-    assert not any(isinstance(v, torch.distributed.tensor.DTensor) for v in ckpt["model"].values())
+    from torch.distributed.tensor import DTensor  # train_gpt2 imports it only under --fsdp
+    assert not any(isinstance(v, DTensor) for v in ckpt["model"].values())
     # the tied embedding is gathered once and saved once
     assert ckpt["model"]["lm_head.weight"].data_ptr() == ckpt["model"]["transformer.wte.weight"].data_ptr()
     # the optimizer state has DDP's layout: whole tensors, same parameter order and groups

@@ -1,9 +1,14 @@
 """The training side of train_gpt2.py: shards and loader, validation, the CLI end to end (resume, DDP, bad input)."""
 
+import atexit
+import functools
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
+import tempfile
+import traceback
 
 import numpy as np
 import pytest
@@ -34,13 +39,65 @@ def make_shards(folder, train_sizes=(3000, 2500), val_size=1500, seed=0, vocab=t
 
 
 def run_cli(args, env_extra=None, torchrun_procs=0):
+    """`python train_gpt2.py ARGS` (or under torchrun) with OMP_NUM_THREADS=1: a finished process's return code,
+    stdout and stderr. A single-process run is forked from a server that has already imported torch, so it does not
+    spend 7 s importing them again on a 2-core CPU; torchrun's ranks start as real processes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     if torchrun_procs:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun_procs}",
                SCRIPT, *args]
-    else:
-        cmd = [sys.executable, SCRIPT, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    args = [str(a) for a in args]
+    with tempfile.TemporaryDirectory() as folder:
+        out, err = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
+        process = preloaded_server().Process(target=main_as_a_script, args=(args, env, out, err))
+        process.start()
+        process.join(600)
+        if process.is_alive():
+            process.kill()
+            raise subprocess.TimeoutExpired([SCRIPT, *args], 600)
+        with open(out) as f_out, open(err) as f_err:
+            return subprocess.CompletedProcess([sys.executable, SCRIPT, *args], process.exitcode, f_out.read(),
+                                               f_err.read())
+
+
+@functools.cache
+def preloaded_server() -> multiprocessing.context.BaseContext:
+    """A fork server that imports torch, torch._dynamo (every optimizer's first call imports it) and train_gpt2 once;
+    each run is a fresh process forked from it, which has run no torch op and started no thread."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "torch._dynamo", "train_gpt2", "test_train"])
+    return context
+
+
+def main_as_a_script(args: list[str], env: dict, stdout_path: str, stderr_path: str) -> None:
+    """In the forked process: what `python train_gpt2.py ARGS` does after its imports, with its own environment,
+    its output in two files and the exit status the interpreter would give."""
+    os.chdir(ROOT)
+    os.environ.clear()
+    os.environ.update(env)
+    torch.set_num_threads(int(env["OMP_NUM_THREADS"]))  # the server read the variable before it was set
+    for fd, path in ((1, stdout_path), (2, stderr_path)):
+        file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(file, fd)
+        os.close(file)
+    sys.argv = [SCRIPT, *args]
+    code = 0
+    try:
+        tg.main(args)
+    except SystemExit as e:
+        if isinstance(e.code, int) or e.code is None:
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()  # an interpreter runs them at exit; os._exit below would skip them
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def read_log(out_dir):
@@ -365,3 +422,12 @@ def test_imports_run_one_way():
 
     assert not imported("train_gpt2.py") & {"hellaswag_eval", "prepare_fineweb"}
     assert "train_gpt2" in imported("hellaswag_eval.py") and "train_gpt2" in imported("prepare_fineweb.py")
+
+
+def test_fsdp_modules_are_imported_only_by_fsdp():
+    """torch.distributed.tensor and .fsdp add 1.5 s to every start on a 2-core CPU; only --fsdp imports them (the
+    FSDP tests show that the shards are still recognised)."""
+    code = ("import sys, train_gpt2; "
+            "print(sorted(m for m in sys.modules if m.startswith(('torch.distributed.tensor', 'torch.distributed.fsdp'))))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
