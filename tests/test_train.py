@@ -424,6 +424,17 @@ def test_imports_run_one_way():
     assert "train_gpt2" in imported("hellaswag_eval.py") and "train_gpt2" in imported("prepare_fineweb.py")
 
 
+@pytest.mark.parametrize("args", [["--help"], TINY + ["--model", "d99", "--data_dir", "missing"],
+                                  TINY + ["--data_dir", "missing"]], ids=["help", "bad-preset", "missing-data"])
+def test_forked_cli_run_is_what_a_fresh_interpreter_gives(args):
+    """run_cli's forked runs stand for `python train_gpt2.py`: the same exit status, stdout and stderr."""
+    forked = run_cli(args)
+    fresh = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, cwd=ROOT,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
+    assert fresh.stdout or fresh.stderr
+
+
 def test_fsdp_modules_are_imported_only_by_fsdp():
     """torch.distributed.tensor and .fsdp add 1.5 s to every start on a 2-core CPU; only --fsdp imports them (the
     FSDP tests show that the shards are still recognised)."""
