@@ -137,6 +137,45 @@ def test_evaluation_between_steps_compiles_once_and_then_reuses_both_graphs(monk
     assert starts[1][0] == 2 and starts[1] == end, f"(graphs, frames) at the start of steps 1-6: {starts}, end: {end}"
 
 
+def traced(model: tg.GPT, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict, set[str]]:
+    """Loss and gradients of model compiled with a backend that runs dynamo's graph as traced, and the names of the
+    functions that graph calls."""
+    calls = set()
+
+    def backend(gm, example_inputs):
+        calls.update(getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    _, loss = torch.compile(model, backend=backend, fullgraph=True)(idx, targets)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    return loss, grads, calls
+
+
+@pytest.mark.parametrize("seq_len", [32, tg.CPU_EXPLICIT_ATTENTION_MAX_LEN + 8])
+def test_compiled_cpu_forms_give_the_eager_loss_and_gradients(seq_len):
+    """Compiled on a CPU, GPT-2's tanh-GELU is written as x sigmoid(2u) and short sequences attend through the
+    explicit softmax(QK^T)V (both faster under Inductor there): the traced graph must use those forms, and only up to
+    CPU_EXPLICIT_ATTENTION_MAX_LEN positions, and give the eager model's F.gelu + SDPA loss and gradients (fp32)."""
+    torch.manual_seed(0)
+    model = tg.GPT(tg.GPTConfig(block_size=seq_len, n_layer=2, n_head=4, n_embd=64))
+    idx, targets = torch.randint(0, 50257, (2, 2, seq_len))
+    _, loss = model(idx, targets)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    compiled_loss, compiled_grads, calls = traced(model, idx, targets)
+    assert "gelu" not in calls and "sigmoid" in calls, sorted(calls)
+    explicit = seq_len <= tg.CPU_EXPLICIT_ATTENTION_MAX_LEN
+    assert ("scaled_dot_product_attention" in calls) != explicit, sorted(calls)
+    assert compiled_loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    for n, g in grads.items():
+        torch.testing.assert_close(compiled_grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # host synchronisations: at most one per training step
 
