@@ -395,22 +395,45 @@ def softcap(z: torch.Tensor, cap: float) -> torch.Tensor:
     return cap * torch.tanh(z.float() / cap)
 
 
+# Rows of a chunk the eager softmax holds in fp32 at once: 26 MB at GPT-2's vocabulary, small enough to stay in a
+# CPU's cache and in the allocator's heap between blocks, where a whole chunk's fp32 copy (412 MB at 2,048 rows) is
+# fresh pages every step
+SOFTMAX_BLOCK_ROWS = 128
+
+
 def xent_chunk(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, vocab_size: int,
                cap: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk's loss, sum(scale * cross-entropy) of softcap(logits) with the padding ids (vocab_size on) at -inf,
-    and its gradient w.r.t. the logits, in the logits' dtype. Eagerly each op is a pass over the (rows x vocabulary)
-    chunk, so they run in place on one fp32 copy; masking the padding columns touches only those."""
+    and its gradient w.r.t. the logits, written over `logits` (which the caller drops) in its dtype. Eagerly each op
+    is a pass over memory, so the chunk goes SOFTMAX_BLOCK_ROWS rows at a time (d6 eager step, with xent_block's
+    single exponential: 1.83 s -> 1.5 s in bf16, 2.57 s -> 2.43 s in fp32, against one pass over the whole chunk)."""
+    loss = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for start in range(0, logits.size(0), SOFTMAX_BLOCK_ROWS):
+        rows = slice(start, start + SOFTMAX_BLOCK_ROWS)
+        loss_b, grad_b = xent_block(logits[rows], targets[rows], scale[rows], vocab_size, cap)
+        loss += loss_b
+        logits[rows].copy_(grad_b)  # a no-op where the block was computed in place (fp32 logits, no cap)
+    return loss, logits
+
+
+def xent_block(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, vocab_size: int,
+               cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """xent_chunk's loss and gradient for a few rows, in place on one fp32 copy of them, each exponential taken once
+    (torch.logsumexp would allocate another copy for z - max and exponentiate it again for the softmax). Masking
+    the padding columns touches only those."""
     z = logits.float()
     if cap:
         tanh = z.div_(cap).tanh_()
         z = tanh.mul(cap)  # a new tensor: tanh is kept for the gradient
     z[:, vocab_size:] = float("-inf")
-    lse = torch.logsumexp(z, dim=-1)
     target = targets.clamp(min=0).unsqueeze(1)
-    loss = ((lse - z.gather(1, target).squeeze(1)) * scale).sum()
-    grad = z.sub_(lse.unsqueeze(1)).exp_()  # the softmax, in place of the logits
-    grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad.dtype))
-    grad.mul_(scale.unsqueeze(1))
+    picked = z.gather(1, target).squeeze(1)
+    top = z.amax(dim=-1, keepdim=True)
+    grad = z.sub_(top).exp_()  # exp(z - max), in place of the logits
+    total = grad.sum(dim=-1, keepdim=True)
+    loss = ((top + total.log()).squeeze(1) - picked).mul(scale).sum()  # log-sum-exp minus the target's logit
+    grad.mul_(scale.unsqueeze(1) / total)  # scale * softmax
+    grad.scatter_add_(1, target, -scale.unsqueeze(1))
     if cap:
         grad = torch.ops.aten.tanh_backward(grad, tanh)  # grad * (1 - tanh^2), in one pass
     return loss, grad.to(logits.dtype)
@@ -1809,10 +1832,11 @@ def hf_remote_code() -> str:
               "from transformers.modeling_outputs import CausalLMOutputWithPast\n\n"
               f"GPT2_VOCAB_SIZE = {GPT2_VOCAB_SIZE}\nLOSS_CHUNK_ROWS = {LOSS_CHUNK_ROWS}\n"
               f"LOSS_CHUNK_ROWS_CPU = {LOSS_CHUNK_ROWS_CPU}\n"
-              f"CPU_EXPLICIT_ATTENTION_MAX_LEN = {CPU_EXPLICIT_ATTENTION_MAX_LEN}\n\n")
+              f"CPU_EXPLICIT_ATTENTION_MAX_LEN = {CPU_EXPLICIT_ATTENTION_MAX_LEN}\n"
+              f"SOFTMAX_BLOCK_ROWS = {SOFTMAX_BLOCK_ROWS}\n\n")
     model_code = [GPTConfig, make_norm, make_dropout, Rotary, apply_rotary, KVCache, explicit_attention_is_faster,
                   explicit_attention, CausalSelfAttention, ReLU2, TanhGELU, MLP, SwiGLU, Block, Int8Linear, softcap,
-                  xent_chunk, xent_chunk_traced, ChunkedCrossEntropy, GPT]
+                  xent_chunk, xent_block, xent_chunk_traced, ChunkedCrossEntropy, GPT]
     return header + "\n\n".join(inspect.getsource(obj) for obj in model_code) + "\n" + HF_REMOTE_WRAPPER
 
 
