@@ -232,10 +232,15 @@ class KVCache:
 CPU_EXPLICIT_ATTENTION_MAX_LEN = 512
 
 
+def compiling_for_cpu(device: torch.device) -> bool:
+    """Whether this forward is being traced for Inductor's C++ kernels: where the model's CPU forms pay (eagerly each
+    op of them is a pass over memory, and a GPU's kernels need no help)."""
+    return device.type == "cpu" and torch.compiler.is_compiling()
+
+
 def explicit_attention_is_faster(device: torch.device, seq_len: int) -> bool:
-    """Whether explicit_attention beats SDPA here: only compiled (eagerly each step of it is a pass over memory) and
-    only on a CPU for short sequences; on a GPU SDPA's kernels always win."""
-    return device.type == "cpu" and seq_len <= CPU_EXPLICIT_ATTENTION_MAX_LEN and torch.compiler.is_compiling()
+    """Whether explicit_attention beats SDPA here: compiled for a CPU, for short sequences only."""
+    return seq_len <= CPU_EXPLICIT_ATTENTION_MAX_LEN and compiling_for_cpu(device)
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
@@ -310,7 +315,7 @@ class TanhGELU(nn.Module):
     layer); eagerly F.gelu's one kernel beats the separate passes of the spelled-out form, and a GPU's tanh is cheap."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or not torch.compiler.is_compiling():
+        if not compiling_for_cpu(x.device):
             return F.gelu(x, approximate="tanh")
         z = x.float()
         return (z * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (z + 0.044715 * z * z * z))).to(x.dtype)
@@ -1835,8 +1840,8 @@ def hf_remote_code() -> str:
               f"LOSS_CHUNK_ROWS_CPU = {LOSS_CHUNK_ROWS_CPU}\n"
               f"CPU_EXPLICIT_ATTENTION_MAX_LEN = {CPU_EXPLICIT_ATTENTION_MAX_LEN}\n"
               f"SOFTMAX_BLOCK_ROWS = {SOFTMAX_BLOCK_ROWS}\n\n")
-    model_code = [GPTConfig, make_norm, make_dropout, Rotary, apply_rotary, KVCache, explicit_attention_is_faster,
-                  explicit_attention, CausalSelfAttention, ReLU2, TanhGELU, MLP, SwiGLU, Block, Int8Linear, softcap,
+    model_code = [GPTConfig, make_norm, make_dropout, Rotary, apply_rotary, KVCache, compiling_for_cpu,
+                  explicit_attention_is_faster, explicit_attention, CausalSelfAttention, ReLU2, TanhGELU, MLP, SwiGLU, Block, Int8Linear, softcap,
                   xent_chunk, xent_block, xent_chunk_traced, ChunkedCrossEntropy, GPT]
     return header + "\n\n".join(inspect.getsource(obj) for obj in model_code) + "\n" + HF_REMOTE_WRAPPER
 

@@ -137,6 +137,15 @@ def test_evaluation_between_steps_compiles_once_and_then_reuses_both_graphs(monk
     assert starts[1][0] == 2 and starts[1] == end, f"(graphs, frames) at the start of steps 1-6: {starts}, end: {end}"
 
 
+def loss_and_grads(model: tg.GPT, forward, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """forward(idx, targets)'s loss and the gradients it leaves on model's parameters (then cleared)."""
+    _, loss = forward(idx, targets)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return loss, grads
+
+
 def traced(model: tg.GPT, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict, set[str]]:
     """Loss and gradients of model compiled with a backend that runs dynamo's graph as traced, and the names of the
     functions that graph calls."""
@@ -147,10 +156,7 @@ def traced(model: tg.GPT, idx: torch.Tensor, targets: torch.Tensor) -> tuple[tor
         return gm.forward
 
     torch._dynamo.reset()
-    _, loss = torch.compile(model, backend=backend, fullgraph=True)(idx, targets)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
+    loss, grads = loss_and_grads(model, torch.compile(model, backend=backend, fullgraph=True), idx, targets)
     torch._dynamo.reset()
     return loss, grads, calls
 
@@ -163,10 +169,7 @@ def test_compiled_cpu_forms_give_the_eager_loss_and_gradients(seq_len):
     torch.manual_seed(0)
     model = tg.GPT(tg.GPTConfig(block_size=seq_len, n_layer=2, n_head=4, n_embd=64))
     idx, targets = torch.randint(0, 50257, (2, 2, seq_len))
-    _, loss = model(idx, targets)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
+    loss, grads = loss_and_grads(model, model, idx, targets)
     compiled_loss, compiled_grads, calls = traced(model, idx, targets)
     assert "gelu" not in calls and "sigmoid" in calls, sorted(calls)
     explicit = seq_len <= tg.CPU_EXPLICIT_ATTENTION_MAX_LEN
