@@ -12,7 +12,9 @@ with bounded RAM (one shard buffer), and resumes after an interruption instead o
   python prepare_fineweb.py --sample                           # bundled Gutenberg corpus (2M tokens) -> data/gutenberg/
 
 Pipeline, top to bottom:
-  documents (datasets, in order) -> worker threads (tiktoken, uint16) -> shard buffer -> <prefix>_{val,train}_NNNNNN.bin
+  documents (datasets, in order) -> worker threads (BPE, uint16) -> shard buffer -> <prefix>_{val,train}_NNNNNN.bin
+The BPE and the shard format come from gpt2_tokens.py (fastokens' BPE, or tiktoken's where fastokens has no wheel:
+the same ids either way); nothing here imports torch or train_gpt2.py, so prep starts in a fraction of a second.
 The first --val_tokens tokens form the val split, everything after it the train split. Every document is prefixed
 with <|endoftext|> and may continue from one shard into the next. After each shard, prep_state.json records where
 the next shard starts (document index and token offset in that document), which is all --resume needs.
@@ -21,7 +23,6 @@ the next shard starts (document index and token offset in that document), which 
 from __future__ import annotations
 
 import argparse
-import copy
 import decimal
 import glob
 import json
@@ -34,16 +35,13 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from multiprocessing.pool import ThreadPool
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
-import train_gpt2
-from train_gpt2 import EOT_TOKEN, UserError, atomic_write
-
-if TYPE_CHECKING:
-    import tiktoken
+import gpt2_tokens
+from gpt2_tokens import UserError, atomic_write
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_PATH = os.path.join(HERE, "data", "gutenberg_sample.parquet")
@@ -67,56 +65,55 @@ COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
 STATE_FILE = "prep_state.json"
 SUMMARY_FILE = "prep.json"
 HUB_TIMEOUT_S = 5  # a reachable Hub answers well within this; an unreachable one should fail fast, not retry
-TASK_CHARS = 1 << 20  # text per task, ~50 ms of BPE: the per-task cost vanishes, the last tasks still spread out
+TASK_CHARS = 1 << 20  # text per task, ~30 ms of BPE: the per-task cost vanishes, the last tasks still spread out
 TASKS_PER_WORKER = 2  # tasks in flight per thread: keeps threads busy while bounding RAM whatever the corpus size
 READ_BATCH = 128  # documents per read from the dataset
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# tokenising: worker threads, as tiktoken's BPE runs without the GIL. Against worker processes, nothing is pickled
-# or piped, nothing is imported again under `spawn`, and torch (imported with train_gpt2) is in memory once.
+# tokenising: worker threads, as the BPE runs without the GIL. Against worker processes, nothing is pickled or
+# piped, and nothing is imported again under `spawn`. With fastokens, each thread runs its own batches through one
+# shared BPE (see gpt2_tokens.load_bpe). Handing whole batches from one thread to fastokens' own pool measured as
+# fast on two cores, but that pool is sized once per process (a later run's --num_proc could not change it) and its
+# caller waits for the slowest document of each batch before it hands over the next.
+
+_bpe: gpt2_tokens.FastokensBPE | gpt2_tokens.TiktokenBPE | None = None
+_bpe_lock = threading.Lock()
+
+
+def get_bpe() -> gpt2_tokens.FastokensBPE | gpt2_tokens.TiktokenBPE:
+    """The process's one GPT-2 BPE, built on first use: fastokens' takes ~0.4 s to build."""
+    global _bpe
+    with _bpe_lock:
+        if _bpe is None:
+            _bpe = gpt2_tokens.load_bpe()
+        return _bpe
+
+
+def start_building_bpe() -> None:
+    """Build the BPE in the background while datasets is imported and the corpus opened: the build releases the
+    GIL, so it runs beside them on a second core. A failure here is raised again, in the main thread, by get_bpe."""
+
+    def build() -> None:
+        try:
+            get_bpe()
+        except Exception:  # e.g. a missing ranks file: reported once, as one line, when tokenising starts
+            pass
+
+    threading.Thread(target=build, name="bpe-build", daemon=True).start()
 
 
 def tokenize_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Tokenise documents, each prefixed with <|endoftext|>, into one uint16 array plus each document's length."""
-    tokenizer = thread_tokenizer()
-    docs = [encode_ordinary(tokenizer, text) for text in texts]
-    lengths = np.fromiter((len(doc) + 1 for doc in docs), dtype=np.int64, count=len(docs))
-    ends = np.cumsum(lengths)
-    tokens = np.empty(int(ends[-1]) if len(docs) else 0, dtype=np.uint16)
-    tokens[ends - lengths] = EOT_TOKEN
-    for doc, end in zip(docs, ends.tolist()):
-        tokens[end - len(doc) : end] = doc  # uint32 -> uint16 in the one copy that has to happen anyway
-    return tokens, lengths
-
-
-def encode_ordinary(tokenizer: tiktoken.Encoding, text: str) -> np.ndarray:
-    """The ids of tokenizer.encode_ordinary(text), as a uint32 array straight from tiktoken's buffer (no list of
-    Python ints, the largest cost of tokenising after the BPE itself)."""
-    try:
-        # nothing allowed as special and nothing disallowed: "<|endoftext|>" in a document is ordinary text
-        return tokenizer.encode_to_numpy(text, disallowed_special=())
-    except UnicodeEncodeError:
-        # a lone surrogate (e.g. from a JSON escape): encode_ordinary knows how to repair it
-        return np.asarray(tokenizer.encode_ordinary(text), dtype=np.uint32)
-
-
-_thread_state = threading.local()
-
-
-def thread_tokenizer() -> tiktoken.Encoding:
-    """train_gpt2's tokenizer, one instance per thread: threads sharing one instance contend for its regex caches
-    inside tiktoken and lose about 30% of their speed. A copy builds its own from the same ranks, in milliseconds."""
-    tokenizer = getattr(_thread_state, "tokenizer", None)
-    if tokenizer is None:
-        tokenizer = _thread_state.tokenizer = copy.copy(train_gpt2.get_tokenizer())
-    return tokenizer
+    return get_bpe().encode_batch(texts)
 
 
 def tokenize_stream(batches: Iterator[list[str]], num_threads: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Tokenise batches of documents in `num_threads` threads, yielding results in input order. Even one worker
-    thread helps: the calling thread reads documents and writes shards meanwhile."""
-    train_gpt2.get_tokenizer()  # a missing ranks file is one error here rather than one per thread
+    """Tokenise batches of documents in worker threads, yielding results in input order. Even one worker thread
+    helps: the calling thread reads documents and writes shards meanwhile."""
+    bpe = get_bpe()  # a missing ranks file is one error here rather than one per thread
+    if isinstance(bpe, gpt2_tokens.TiktokenBPE):
+        print(f"warning: {gpt2_tokens.FALLBACK_NOTE}", file=sys.stderr)
     # ThreadPool.imap consumes its input in a background thread without waiting for results; the semaphore makes
     # that thread wait until results are consumed, so at most `limit` batches are in flight however large the corpus.
     limit = TASKS_PER_WORKER * num_threads
@@ -140,7 +137,7 @@ def tokenize_stream(batches: Iterator[list[str]], num_threads: int) -> Iterator[
         try:
             # imap, not imap_unordered: output order = document order, so shards do not depend on the thread count.
             # Batches are already sized by text length, hence one batch per task.
-            for result in pool.imap(tokenize_batch, feed(), chunksize=1):
+            for result in pool.imap(bpe.encode_batch, feed(), chunksize=1):
                 yield result
                 in_flight.release()
         finally:
@@ -429,7 +426,7 @@ def load_state(out_dir: str, config: dict, max_tokens: int | None) -> dict:
 def check_shards(out_dir: str, shards: list[dict]) -> None:
     for shard in shards:
         path = os.path.join(out_dir, shard["file"])
-        if not os.path.exists(path) or len(train_gpt2.read_shard(path)) != shard["tokens"]:
+        if not os.path.exists(path) or len(gpt2_tokens.read_shard(path)) != shard["tokens"]:
             raise UserError(f"cannot resume: {path} is missing or differs from {STATE_FILE}; "
                             "start again with --overwrite")
 
@@ -522,7 +519,7 @@ class ShardWriter:
         index = len(self.shards)
         split = "val" if self.written < self.val_tokens else "train"
         name = shard_name(self.prefix, split, index)
-        train_gpt2.write_shard(os.path.join(self.out_dir, name), self.buf[: self.fill])
+        gpt2_tokens.write_shard(os.path.join(self.out_dir, name), self.buf[: self.fill])
         self.shards.append({"file": name, "split": split, "tokens": self.fill})
         self.written += self.fill
         self.fill = 0
@@ -596,6 +593,7 @@ def prepare(args: argparse.Namespace) -> dict:
         state = new_state(config)
         clear = "all" if has_files else ""
 
+    start_building_bpe()
     ds = load_documents(source, args.streaming, args.cache_dir)
     t_loaded = time.time()
     writer = ShardWriter(out_dir, args.prefix, args.shard_size, args.val_tokens, args.max_tokens, state, clear)

@@ -28,6 +28,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import gpt2_tokens  # noqa: E402
 import prepare_fineweb  # noqa: E402
 import train_gpt2  # noqa: E402
 
@@ -235,15 +236,15 @@ def test_shards_equal_an_independent_bpe(corpus, reference):
         assert tokens[1:].tolist() == tk.encode(text).ids
 
 
-def test_prep_uses_the_trainers_tokenizer_and_shard_format(corpus, tmp_path, capsys, monkeypatch):
-    # one copy of each, in train_gpt2: prep's shards are whatever train_gpt2.write_shard writes, in the format the
-    # trainer reads, and its ids whatever train_gpt2.get_tokenizer gives
+def test_prep_writes_the_trainers_shard_format(corpus, tmp_path, capsys, monkeypatch):
+    # one copy of each, in gpt2_tokens (tests/test_gpt2_tokens.py holds it to train_gpt2's): prep's shards are
+    # whatever gpt2_tokens.write_shard writes, read back by the trainer token for token
     assert not any(hasattr(prepare_fineweb, name) for name in ("SHARD_MAGIC", "HEADER_INTS", "BPE_RANKS_PATH"))
-    assert prepare_fineweb.EOT_TOKEN == train_gpt2.get_tokenizer().eot_token == EOT
+    assert gpt2_tokens.EOT_TOKEN == train_gpt2.get_tokenizer().eot_token == EOT
     assert (train_gpt2.SHARD_MAGIC, train_gpt2.SHARD_VERSION, train_gpt2.HEADER_BYTES) == (20240520, 1, 1024)
     written = []
-    real_write = train_gpt2.write_shard
-    monkeypatch.setattr(train_gpt2, "write_shard",
+    real_write = gpt2_tokens.write_shard
+    monkeypatch.setattr(gpt2_tokens, "write_shard",
                         lambda path, tokens: (written.append(path), real_write(path, tokens)))
     out = tmp_path / "out"
     code, _, err = run(capsys, "--data_files", corpus["parquet"], "--out_dir", out, "--num_proc", 1, *common(corpus))
@@ -349,9 +350,9 @@ KILLED_RUN = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
 import numpy as np
-import prepare_fineweb, train_gpt2
+import gpt2_tokens, prepare_fineweb
 
-real_write, calls = train_gpt2.write_shard, []
+real_write, calls = gpt2_tokens.write_shard, []
 
 def write_then_die(path, tokens):
     # the third shard: half of it reaches a temporary file, then the process is killed (as by SIGKILL or power loss)
@@ -362,7 +363,7 @@ def write_then_die(path, tokens):
         os.kill(os.getpid(), signal.SIGKILL)
     real_write(path, tokens)
 
-train_gpt2.write_shard = write_then_die
+gpt2_tokens.write_shard = write_then_die
 if __name__ == "__main__":
     sys.exit(prepare_fineweb.main(sys.argv[1:]))
 """
