@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import functools
 import glob
 import inspect
@@ -478,8 +479,13 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, vocab_size: int, targets: torch.Tensor, rows: int,
                 with_grad: bool, cap: float = 0.0) -> torch.Tensor:
+        # The chunks compute the sum over valid positions and its gradient; the mean's 1/N is applied to the loss
+        # here and to the gradients in backward, in fp32, together with the loss scale that arrives there. Applied
+        # before the head's matmuls, 1/N (1.5e-5 at 65,536 positions) would push softmax entries below fp16's
+        # smallest subnormal and flush most of the head's gradient to zero under fp16 autocast.
         valid = targets != -1
-        scale = valid / valid.sum()  # each valid position's share of the mean; a tensor, so no host sync
+        inv_n = 1.0 / valid.sum()  # a tensor, so no host sync
+        weights = valid.float()
         chunk = xent_chunk_traced if torch.compiler.is_compiling() else xent_chunk
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         grad_x = torch.empty_like(x) if with_grad else None
@@ -492,19 +498,20 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             xc = x[start:start + rows].to(dtype)
             # the mask is applied inside the kernel: as a matmul bias it would cost a copy of the whole chunk
             logits = F.linear(xc, weight)
-            loss_c, grad = chunk(logits, targets[start:start + rows], scale[start:start + rows], vocab_size, cap)
+            loss_c, grad = chunk(logits, targets[start:start + rows], weights[start:start + rows], vocab_size, cap)
             loss = loss + loss_c
             if with_grad:
                 grad_x[start:start + rows] = grad @ weight
                 grad_wc = (grad.t() @ xc).float()
                 grad_w = grad_wc if grad_w is None else grad_w + grad_wc
-        ctx.save_for_backward(grad_x, grad_w)
-        return loss
+        ctx.save_for_backward(grad_x, grad_w, inv_n)
+        return loss * inv_n
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, (grad_w * grad_loss).to(ctx.weight_dtype), None, None, None, None, None
+        grad_x, grad_w, inv_n = ctx.saved_tensors
+        scale = grad_loss * inv_n
+        return grad_x * scale, (grad_w * scale).to(ctx.weight_dtype), None, None, None, None, None
 
 
 class GPT(nn.Module):
@@ -1205,9 +1212,25 @@ def muon_momentum_at(step: int, momentum: float, warmup_steps: int) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 # evaluation: validation loss, samples, HellaSwag, model FLOPs utilisation, timing of training steps
 
-# Dense bf16 tensor-core peaks in TFLOP/s by device-name fragment; fp32 runs use TF32, half of these.
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A6000": 155.0, "L4": 121.0,
-                   "4090": 165.0, "3090": 71.0, "A10G": 70.0, "V100": 125.0, "T4": 65.0}
+# Dense tensor-core peaks in TFLOP/s from the vendor's data sheets: (model, variant, bf16/fp16, fp32). A model and
+# a variant each match a whole word of the device name ("NVIDIA H100 PCIe", "Tesla V100-SXM2-16GB"), so "L4" is not
+# an L40's peak; the first row that matches wins, so a variant comes before its model's generic row. fp32 runs use
+# TF32 on Ampere and later; V100 and T4 have no TF32, so their fp32 peak is the plain FP32 rate.
+GPU_PEAK_TFLOPS = [
+    ("H100", "PCIe", 756.0, 378.0), ("H100", "NVL", 835.0, 418.0), ("H100", None, 989.0, 495.0),
+    ("H200", None, 989.0, 495.0), ("A100", None, 312.0, 156.0), ("L40S", None, 362.0, 183.0),
+    ("L40", None, 181.0, 90.5), ("L4", None, 121.0, 60.0), ("A6000", None, 155.0, 77.0), ("4090", None, 165.0, 83.0),
+    ("3090", None, 71.0, 36.0), ("A10G", None, 70.0, 35.0), ("V100", None, 125.0, 15.7), ("T4", None, 65.0, 8.1),
+]
+
+
+def gpu_peak_tflops(name: str, dtype: torch.dtype) -> float | None:
+    """The table's peak for a device name in this dtype, or None for a device it does not know."""
+    words = {w.lower() for w in re.split(r"[^A-Za-z0-9]+", name)}
+    for model, variant, low_precision, fp32 in GPU_PEAK_TFLOPS:
+        if model.lower() in words and (variant is None or variant.lower() in words):
+            return fp32 if dtype == torch.float32 else low_precision
+    return None
 
 
 @torch.no_grad()
@@ -1537,11 +1560,10 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype, override_tflops:
         return override_tflops * 1e12
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for fragment, tflops in GPU_PEAK_TFLOPS.items():
-            if fragment in name:
-                return tflops * 1e12 / (2 if dtype == torch.float32 else 1)
-        print0(f"no peak FLOP/s known for '{name}': pass --peak_tflops to report MFU")
-        return None
+        tflops = gpu_peak_tflops(name, dtype)
+        if tflops is None:
+            print0(f"no peak FLOP/s known for '{name}': pass --peak_tflops to report MFU")
+        return tflops * 1e12 if tflops is not None else None
     if device.type == "cpu":
         return measure_matmul_peak(device, dtype)
     return None
@@ -1679,7 +1701,9 @@ def rng_state() -> dict:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # this process's GPU only: a resume may see another number of GPUs (a run saved with 8 visible and resumed
+        # with 1 would fail to restore the other 7), and each rank draws only from its own device
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -1688,15 +1712,22 @@ def set_rng_state(state: dict) -> None:
     keys, pos, has_gauss, cached_gauss = state["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached_gauss))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, list):  # older checkpoints held every visible GPU's state: take this process's
+            device = torch.cuda.current_device()
+            cuda = cuda[device] if device < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"checkpoint '{path}' does not exist; pass an existing .pt file or '--resume auto'")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # memory-mapped: tensors are read from the page cache as they are copied into the model and optimiser, so
+        # the ranks of a node share one copy of the file instead of each holding all of it (19 GB for gpt2-xl)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated, corrupt or foreign files all fail here, in many different ways
         raise UserError(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
@@ -1946,7 +1977,9 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls run in hardware. A CPU without AVX512-BF16 or AMX emulates them far slower than fp32."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        # Ampere (compute capability 8.0) and later, or ROCm. By default is_bf16_supported() also says yes where
+        # bf16 is only emulated (V100, T4): slow matmuls and SDPA's math kernel, where fp16 runs on tensor cores.
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         return any(getattr(torch.cpu, probe, lambda: False)()
                    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
@@ -1968,9 +2001,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         name = "bf16" if native_bf16(device) else "fp16" if device.type == "cuda" else "fp32"
     elif name == "bf16" and not native_bf16(device):
-        if device.type != "cpu":
+        if device.type == "cpu":
+            print0("warning: this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 is emulated and much slower than "
+                   "fp32")
+        elif device.type == "cuda":
+            print0("warning: this GPU has no native bf16 (compute capability 8.0 or later): bf16 is emulated and much "
+                   "slower than --dtype fp16, which --dtype auto picks here")
+        else:
             raise UserError(f"--dtype bf16 is not supported on this {device.type} device; use --dtype fp16 or fp32")
-        print0("warning: this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 is emulated and much slower than fp32")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
@@ -2105,13 +2143,9 @@ class PreemptionFlag:
     def _note(self, signum: int, frame) -> None:
         self.name = signal.Signals(signum).name
 
-    def agreed(self, device: torch.device, distributed: bool) -> bool:
-        """Whether any rank got a signal: all ranks must stop after the same step, or the others would hang."""
-        if not distributed:
-            return self.name is not None
-        flag = torch.tensor([float(self.name is not None)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    @property
+    def noted(self) -> bool:
+        return self.name is not None
 
 
 ARCH_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "n_kv_head", "norm", "pos", "rope_theta", "mlp",
@@ -2131,17 +2165,35 @@ def model_from_args(args: argparse.Namespace) -> tuple[GPTConfig, GPT | None]:
     return model_config(args.model, dropout=args.dropout, **arch), None
 
 
-def shard_model(model: GPT, device: torch.device, world_size: int) -> None:
+def fsdp_gather_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype FSDP gathers the Blocks' parameters in (None: as stored, fp32). Under bf16 autocast on CUDA it is
+    bf16, half fp32's traffic, and the same numbers: autocast rounds the matmul weights to bf16 anyway, and computes
+    layer_norm and rms_norm in fp32 whatever their weights' dtype. A CPU's autocast does not (an fp32 input with bf16
+    norm weights is an error there), and fp16 stays fp32 too: a norm weight's gradient, summed over every position
+    and multiplied by the loss scale, would overflow in fp16 where the fp32 parameter's does not."""
+    return torch.bfloat16 if dtype == torch.bfloat16 and device.type == "cuda" else None
+
+
+def shard_model(model: GPT, device: torch.device, world_size: int, dtype: torch.dtype, compile_blocks: bool) -> None:
     """FSDP2, in place: every Block, then the rest (embeddings, final norm, head) as the root. A block's parameters
     are gathered just before it runs and freed after it, so a rank holds 1/world_size of the parameters, gradients
-    and optimizer state, plus about one whole block at a time."""
+    and optimizer state, plus about one whole block at a time.
+
+    The Blocks are gathered in fsdp_gather_dtype and their gradients reduce-scattered in fp32, so the sum over ranks
+    loses nothing; the root stays fp32 and the Blocks' inputs are not cast, so the residual stream is fp32 as under
+    DDP. With compile_blocks each Block is compiled on its own, as torchtitan does: the repeated Blocks share one
+    graph, and FSDP's gather and free hooks run between graphs instead of being traced through."""
     from torch.distributed.device_mesh import init_device_mesh  # here, so only --fsdp pays the import (see is_dtensor)
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     # the logits are returned as a view; FSDP warns in case a caller edits them in place, which nothing here does
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
     mesh = init_device_mesh(device.type, (world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=fsdp_gather_dtype(device, dtype), reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)
     for block in model.transformer.h:
-        fully_shard(block, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+        if compile_blocks:
+            block.compile()
     fully_shard(model, mesh=mesh)
 
 
@@ -2208,6 +2260,8 @@ class Trainer:
         self.build(pretrained if ckpt is None else None, ckpt["model"] if ckpt is not None else None)
         del pretrained
         self.step = self.bad_steps = 0
+        self.preempted: PreemptionFlag | None = None  # the signal handlers, installed while run() runs
+        self.any_rank_signalled = False
         if ckpt is not None:
             self.restore(ckpt, resume_path)
         else:
@@ -2258,7 +2312,8 @@ class Trainer:
             store, _, _ = next(dist.rendezvous("env://"))
             store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
             dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo", store=store,
-                                    rank=self.rank, world_size=self.world_size)
+                                    rank=self.rank, world_size=self.world_size,
+                                    timeout=datetime.timedelta(minutes=self.args.dist_timeout))
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 matmuls autocast leaves
             torch.backends.cudnn.allow_tf32 = True
@@ -2278,11 +2333,14 @@ class Trainer:
         if weights is not None:
             self.model.load_state_dict(weights)
         if args.fsdp:
-            shard_model(self.model, self.device, self.world_size)
+            shard_model(self.model, self.device, self.world_size, self.dtype, compile_blocks=self.use_compile)
         self.optimizers = configure_optimizers(self.model, args.optimizer, args, self.device.type,
                                                ortho_dtype=fast_matmul_dtype(self.device))
+        # Under FSDP each rank unscales only its own gradient shards, but DTensor's kernel for the unscale op takes
+        # the max of the inf/NaN flag over the ranks, so every rank skips the same steps with the plain scaler
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.fast_model = torch.compile(self.model) if self.use_compile else self.model  # evaluation shares it
+        # evaluation shares the compiled model; under FSDP the Blocks were compiled one by one as they were sharded
+        self.fast_model = torch.compile(self.model) if self.use_compile and not args.fsdp else self.model
         self.train_model = self.fast_model
         if self.distributed and not args.fsdp:
             self.train_model = nn.parallel.DistributedDataParallel(
@@ -2354,8 +2412,9 @@ class Trainer:
                     group["momentum"] = muon_momentum_at(self.step, args.muon_momentum, args.muon_momentum_warmup)
         return args.lr * scale
 
-    def accumulate_gradients(self) -> torch.Tensor:
-        """Forward and backward over the step's micro-batches; returns their mean loss, on the device."""
+    def accumulate_gradients(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward and backward over the step's micro-batches; returns their mean loss, on the device, and under
+        torchrun the number of ranks that had noted a stop signal (see PreemptionFlag), else None."""
         loss_sum = torch.zeros((), device=self.device)
         for micro_step in range(self.grad_accum):
             x, y = self.train_loader.next_batch()
@@ -2369,10 +2428,15 @@ class Trainer:
                 loss = loss / self.grad_accum  # the mean over micro-steps, as one large batch would give
                 loss_sum += loss.detach()
                 self.scaler.scale(loss).backward()
-        if self.distributed:
-            dist.all_reduce(loss_sum)
-            loss_sum /= self.world_size
-        return loss_sum
+        if not self.distributed:
+            return loss_sum, None
+        # All ranks must stop after the same step, or the others would hang in the next collective: whether any rank
+        # got a signal travels in the loss's all-reduce, and is read in the step's one host sync. torch.full is a
+        # kernel launch, where torch.tensor(flag, device=...) would be a host-to-device copy.
+        signalled = torch.full((), float(self.preempted is not None and self.preempted.noted), device=self.device)
+        totals = torch.stack([loss_sum, signalled])
+        dist.all_reduce(totals)
+        return totals[0] / self.world_size, totals[1]
 
     def train_step(self) -> tuple[float, float, float]:
         """One optimisation step: the schedule, the gradients, clipping, and the update unless the loss or the
@@ -2381,14 +2445,16 @@ class Trainer:
         lr = self.set_schedule()
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
-        loss_sum = self.accumulate_gradients()
+        loss_sum, signals = self.accumulate_gradients()
         for optimizer in self.optimizers:
             self.scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip or float("inf"))
         if is_dtensor(grad_norm):  # FSDP: the norm over every rank's shards
             grad_norm = grad_norm.full_tensor()
         # the step's one host sync: the device runs ahead of Python everywhere else
-        train_loss, grad_norm = torch.stack([loss_sum, grad_norm.float()]).tolist()
+        tracked = [loss_sum, grad_norm.float()] + ([signals] if signals is not None else [])
+        train_loss, grad_norm, *signalled = torch.stack(tracked).tolist()
+        self.any_rank_signalled = bool(signalled) and signalled[0] > 0  # the same answer on every rank
         # every rank sees the same all-reduced loss and gradients, so every rank makes the same decision here;
         # with fp16, overflowing gradients are the GradScaler's business (it skips the step and lowers the scale)
         if math.isfinite(train_loss) and (self.scaler.is_enabled() or math.isfinite(grad_norm)):
@@ -2501,7 +2567,7 @@ class Trainer:
         logging and checkpoints."""
         args = self.args
         stop_at = min(args.max_steps, args.stop_at_step or args.max_steps)
-        preempted = PreemptionFlag()
+        preempted = self.preempted = PreemptionFlag()
         try:
             t_last = time.perf_counter()
             while self.step < stop_at:
@@ -2511,7 +2577,8 @@ class Trainer:
                 record = self.step_record(lr, train_loss, grad_norm, dt)
                 self.evaluate(record)
                 self.log(record)
-                stop_now = preempted.agreed(self.device, self.distributed)
+                # one process reads its own flag; ranks go by what the step's all-reduce said of all of them
+                stop_now = self.any_rank_signalled if self.distributed else preempted.noted
                 if (args.save_every and self.step % args.save_every == 0) or self.step == stop_at or stop_now:
                     self.save()
                 t_last += time.perf_counter() - t_sync  # evaluation and checkpoints are not the next step's time
@@ -2786,6 +2853,10 @@ def system_flags(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the model (default: on for CUDA, off otherwise)")
     g.add_argument("--peak_tflops", type=float, default=None,
                    help="device peak TFLOP/s for MFU (default: a GPU table, or a matmul probe on CPU)")
+    g.add_argument("--dist_timeout", type=float, default=30.0,
+                   help="minutes a rank waits in a collective before the run fails, under torchrun. The other ranks "
+                        "wait while rank 0 writes a checkpoint: gpt2-xl's is 19 GB with AdamW state, minutes on a "
+                        "network file system, where NCCL's default would be 10")
 
 
 def evaluation_flags(p: argparse.ArgumentParser) -> None:
@@ -2857,6 +2928,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def out_of_memory_message(e: torch.OutOfMemoryError, args: argparse.Namespace) -> str:
+    """One line for a device out of memory: where, what was asked for, and the flags that fix it."""
+    said = str(e)
+    asked = re.search(r"Tried to allocate ([\d.]+ \w+)", said)
+    total = re.search(r"total capacity of ([\d.]+ \w+)", said)
+    where = f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""
+    detail = ", ".join(part for part in (asked and f"asked for {asked.group(1)} more",
+                                         total and f"{total.group(1)} on the device") if part)
+    return (f"out of memory{where} at --batch_size {args.batch_size} x --seq_len {args.seq_len} with --model "
+            f"{args.init_from or args.model}{f' ({detail})' if detail else ''}: lower --batch_size (--total_batch_size "
+            "stays the same, with more micro-steps), or add --activation_checkpointing or --fsdp; the README's memory "
+            "table (python benchmarks/memory_table.py) gives what each model needs")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
@@ -2871,6 +2956,10 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         if is_master():
             print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except torch.OutOfMemoryError as e:
+        # every rank that ran out says so: under torchrun it may be one rank of many
+        print(f"error: {out_of_memory_message(e, args)}", file=sys.stderr)
         sys.exit(2)
 
 

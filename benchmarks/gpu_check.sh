@@ -2,17 +2,27 @@
 # gpu_check.sh: one offline check of train_gpt2.py on a CUDA GPU, in at most 8 minutes on one H200.
 #
 #   bash benchmarks/gpu_check.sh                 # on a CUDA machine (needs only torch, numpy, tiktoken, tqdm)
-#   bash benchmarks/gpu_check.sh --cpu-smoke     # the same steps on CPU with the d2 preset, in about a minute
+#   bash benchmarks/gpu_check.sh --cpu-smoke     # the same steps on CPU with the d2 preset, in a few minutes
 #   PYTHON=/path/to/python bash benchmarks/gpu_check.sh    # another interpreter than the `python` on PATH
 #
 # What it does, all on synthetic token shards written to a temporary folder (no network, no dataset):
+#   preflight  torch.compile builds one small kernel on the device, with Inductor's caches off, so a machine
+#           without a working C compiler fails here in one line, not in the middle of a run
 #   shards  a fixed random sequence of 1009 tokens (127 in the smoke) repeated, so the loss can fall within 300
 #           steps, written with train_gpt2.write_shard as two train shards and one val shard
 #   ladder  python train_gpt2.py --benchmark ladder --model gpt2 --seq_len 1024 --batch_size 16: each
 #           optimisation added in turn; its last two rows are torch.compile with the plain head and with the
 #           chunked linear + cross-entropy, side by side. PASS if it runs and prints all its rows.
+#   loss    the chunked head against the plain one on a small d2 model, over several chunks, with ignored
+#           positions: bf16 and fp16 autocast (fp16 with GradScaler's first scale, 65536), eager and compiled.
+#           PASS if each pair's losses agree to 1e-2 and the chunked gradients are as close to fp32 as the plain
+#           ones (within twice their error).
+#   ddp     one training step of a compiled d2 model wrapped in DDP on one rank (NCCL on a GPU, gloo in the
+#           smoke), beside the same step without DDP. PASS if the losses, gradients and updated weights agree.
 #   train   a 300-step compiled gpt2 run (bf16 autocast, checkpoints every 150 steps, --keep_last 1).
 #           PASS if the final checkpoint is there and the last train loss in log.jsonl is below half the first.
+#   fp16    a short eager run in fp16 with its GradScaler (150 steps of gpt2; 24 of d2 in the smoke).
+#           PASS if the last train loss is below half the first and the saved loss scale is finite.
 #   resume  an uninterrupted 40-step run, and the same run sent SIGTERM after a few steps (train_gpt2 saves a
 #           checkpoint and exits cleanly) then continued with --resume auto. PASS if every step's loss and the
 #           final weights agree with the uninterrupted run's: exactly on CPU; on CUDA (fp32, eager, where
@@ -20,14 +30,16 @@
 # then a summary: GPU, torch version, ms/step, tok/s, MFU and peak memory of the ladder rows, the training run's
 # median tok/s and MFU, and PASS/FAIL per check. The exit status is non-zero if any check failed.
 #
-# Options:   --cpu-smoke        run on CPU with tiny settings (d2, T=32, B=4; the ladder's compile rows run
-#                               eagerly via TORCH_COMPILE_DISABLE=1, the training run is compiled)
-#            --only LIST        run only these checks, comma-separated from ladder,train,resume (others SKIP)
+# Options:   --cpu-smoke        run on CPU with tiny settings (d2, T=32, B=4; the ladder's compile rows and the
+#                               loss and ddp checks run eagerly via TORCH_COMPILE_DISABLE=1, the training run
+#                               and the preflight are compiled)
+#            --only LIST        run only these checks, comma-separated from ladder,loss,ddp,train,fp16,resume
+#                               (others SKIP; the preflight always runs)
 #            --keep             keep the temporary folder (its path is printed) instead of deleting it
 # Environment: PYTHON (default python), GPU_CHECK_BATCH (ladder and training micro-batch, default 16 on GPU; lower
 #   it on a GPU with less than 80 GiB), GPU_CHECK_PEAK_TFLOPS (for MFU on a GPU missing from train_gpt2's table),
 #   GPU_CHECK_TRAIN_FLAGS (extra train_gpt2.py flags appended to the training run, e.g. "--lr 0" to watch the
-#   loss check fail), GPU_CHECK_BUDGET_S (seconds for the whole script, default 480 on GPU, 300 with --cpu-smoke;
+#   loss check fail), GPU_CHECK_BUDGET_S (seconds for the whole script, default 480 on GPU, 420 with --cpu-smoke;
 #   each step is stopped and FAILs once the budget is spent).
 set -euo pipefail
 
@@ -38,7 +50,7 @@ cd "$ROOT"
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 
 MODE=gpu
-ONLY=ladder,train,resume
+ONLY=ladder,loss,ddp,train,fp16,resume
 KEEP=0
 while (($#)); do
     case $1 in
@@ -51,32 +63,36 @@ while (($#)); do
     esac
     shift
 done
-CHECKS=(ladder train resume)
+CHECKS=(ladder loss ddp train fp16 resume)
 for c in ${ONLY//,/ }; do
     [[ " ${CHECKS[*]} " == *" $c "* ]] || { echo "gpu_check: unknown check '$c' in --only (choose from ${CHECKS[*]})" >&2; exit 2; }
 done
 wanted() { [[ ",$ONLY," == *",$1,"* ]]; }
 
-# ---- settings: the GPU run, and the CPU smoke that walks the same code paths in about a minute
+# ---- settings: the GPU run, and the CPU smoke that walks the same code paths in a few minutes
 if [[ $MODE == gpu ]]; then
     DEVICE=cuda
     MODEL=gpt2 T=1024 B=${GPU_CHECK_BATCH:-16}
     PERIOD=1009 TRAIN_TOKENS=1000000 VAL_TOKENS=100000   # two train shards of this size each
     BENCH_STEPS=10 BENCH_WARMUP=3 LADDER_ENV=()
+    LOSS_B=8 LOSS_T=256 EAGER_ENV=()   # 2,048 positions: two of a GPU's 1,024-row loss chunks
     TRAIN_STEPS=300 TRAIN_WARMUP=30 TRAIN_LR=6e-4 TRAIN_DTYPE=auto
+    FP16_STEPS=150 FP16_WARMUP=15
     RESUME_STEPS=40 RESUME_B=$((B / 2 > 0 ? B / 2 : 1)) RESUME_ACCUM=2 RESUME_LR=6e-4 RESUME_TOL=1e-4 RESUME_PEAK=()
     BUDGET=${GPU_CHECK_BUDGET_S:-480}
-    LADDER_CAP=270 TRAIN_CAP=180 RESUME_CAP=120   # the most seconds one step may take (a hang guard)
+    LADDER_CAP=270 LOSS_CAP=150 DDP_CAP=120 TRAIN_CAP=180 FP16_CAP=120 RESUME_CAP=120   # per step: a hang guard
 else
     DEVICE=cpu
     MODEL=d2 T=32 B=4
     PERIOD=127 TRAIN_TOKENS=20000 VAL_TOKENS=4000
     BENCH_STEPS=2 BENCH_WARMUP=1 LADDER_ENV=(TORCH_COMPILE_DISABLE=1)   # inductor on 2 cores: ~15 s a compile
+    LOSS_B=4 LOSS_T=64 EAGER_ENV=(TORCH_COMPILE_DISABLE=1)
     TRAIN_STEPS=60 TRAIN_WARMUP=5 TRAIN_LR=3e-3 TRAIN_DTYPE=fp32
+    FP16_STEPS=24 FP16_WARMUP=2   # fp16 matmuls are emulated on a CPU, far slower than fp32
     RESUME_STEPS=16 RESUME_B=4 RESUME_ACCUM=2 RESUME_LR=3e-3 RESUME_TOL=0
     RESUME_PEAK=(--peak_tflops 1)   # no CPU matmul probe (1.5 s a process) for runs whose MFU is not reported
-    BUDGET=${GPU_CHECK_BUDGET_S:-300}
-    LADDER_CAP=120 TRAIN_CAP=120 RESUME_CAP=60
+    BUDGET=${GPU_CHECK_BUDGET_S:-420}
+    LADDER_CAP=120 LOSS_CAP=120 DDP_CAP=120 TRAIN_CAP=120 FP16_CAP=120 RESUME_CAP=60
 fi
 PEAK=()
 [[ -n ${GPU_CHECK_PEAK_TFLOPS:-} ]] && PEAK=(--peak_tflops "$GPU_CHECK_PEAK_TFLOPS")
@@ -255,6 +271,138 @@ EOF
     verdict "$WORK/train.verdict"
 }
 
+check_loss() {
+    run_logged "$LOSS_CAP" "$WORK/loss.out" env ${EAGER_ENV[@]+"${EAGER_ENV[@]}"} "$PYTHON" - "$DEVICE" "$MODE" \
+        "$LOSS_B" "$LOSS_T" "$WORK/loss.info" "$WORK/loss.verdict" <<'EOF'
+import math, sys
+import torch
+import train_gpt2 as tg
+
+device, mode, B, T, info, verdict = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:7]
+if mode == "cpu":
+    tg.LOSS_CHUNK_ROWS_CPU = 96  # several chunks at this small batch, as a GPU run has
+torch.manual_seed(0)
+config = tg.model_config("d2")
+model = tg.GPT(config).to(device)
+idx = torch.randint(0, config.vocab_size, (B, T), device=device)
+targets = torch.randint(0, config.vocab_size, (B, T), device=device)
+targets[0, : T // 4] = -1  # ignored positions, as document-aligned batches have
+
+
+def loss_and_grads(forward, chunked, dtype):
+    model.zero_grad(set_to_none=True)
+    model.chunked_loss = chunked
+    scale = 65536.0 if dtype == torch.float16 else 1.0  # GradScaler's first scale
+    with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+        _, loss = forward(idx, targets)
+    (loss * scale).backward()
+    return loss.item(), torch.cat([p.grad.double().flatten() / scale for p in model.parameters()])
+
+
+_, reference = loss_and_grads(model, False, torch.float32)
+compiled = torch.compile(model)
+failures = []
+with open(info, "a") as f:
+    for dtype in (torch.bfloat16, torch.float16):
+        for name, forward in (("eager", model), ("compiled", compiled)):
+            (loss_p, grad_p), (loss_c, grad_c) = (loss_and_grads(forward, c, dtype) for c in (False, True))
+            err_p, err_c = ((g - reference).norm().item() / reference.norm().item() for g in (grad_p, grad_c))
+            dloss = abs(loss_c - loss_p) / abs(loss_p)
+            row = f"{str(dtype)[6:]} {name}"
+            f.write(f"  {row:<17} loss {loss_p:.4f} plain, {loss_c:.4f} chunked; gradient off fp32 by "
+                    f"{err_p:.2e} plain, {err_c:.2e} chunked\n")
+            if not (math.isfinite(loss_c) and dloss < 1e-2 and err_c <= 2 * err_p + 1e-4):
+                failures.append(f"{row}: loss {loss_p:.4f} vs {loss_c:.4f}, gradient error {err_p:.2e} vs {err_c:.2e}")
+    if mode == "cpu":
+        f.write("  (--cpu-smoke: 'compiled' ran eagerly, TORCH_COMPILE_DISABLE=1)\n")
+with open(verdict, "w") as f:
+    if failures:
+        f.write("FAIL\tchunked head off the plain one: " + "; ".join(failures) + "\n")
+    else:
+        f.write("PASS\tchunked = plain head in bf16 and fp16, eager and compiled (losses to 1e-2, gradients as close "
+                "to fp32)\n")
+EOF
+    verdict "$WORK/loss.verdict"
+}
+
+check_ddp() {
+    run_logged "$DDP_CAP" "$WORK/ddp.out" env ${EAGER_ENV[@]+"${EAGER_ENV[@]}"} "$PYTHON" - "$DEVICE" \
+        "$WORK/ddp.store" "$WORK/ddp.info" "$WORK/ddp.verdict" <<'EOF'
+import copy, sys
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import train_gpt2 as tg
+from torch._dynamo.utils import counters
+
+device_type, store_path, info, verdict = sys.argv[1:5]
+cuda = device_type == "cuda"
+dist.init_process_group("nccl" if cuda else "gloo", store=dist.FileStore(store_path, 1), rank=0, world_size=1)
+device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+dtype = torch.bfloat16 if cuda else torch.float32
+torch.manual_seed(0)
+config = tg.model_config("d2")
+alone = tg.GPT(config).to(device)
+wrapped = copy.deepcopy(alone)
+idx = torch.randint(0, config.vocab_size, (4, 128), device=device)
+targets = torch.randint(0, config.vocab_size, (4, 128), device=device)
+results = {}
+for name, model, forward in (("alone", alone, torch.compile(alone)),
+                             ("ddp", wrapped, nn.parallel.DistributedDataParallel(
+                                 torch.compile(wrapped), device_ids=[0] if cuda else None))):
+    graphs = counters["stats"]["unique_graphs"]
+    optimizer = tg.adamw(list(model.parameters()), 1e-3, 0.1, device_type)
+    with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+        _, loss = forward(idx, targets)
+    loss.backward()
+    grads = torch.cat([p.grad.double().flatten() for p in model.parameters()])
+    optimizer.step()
+    results[name] = (loss.item(), grads, torch.cat([p.detach().double().flatten() for p in model.parameters()]),
+                     counters["stats"]["unique_graphs"] - graphs)
+dist.destroy_process_group()
+(loss_a, grad_a, w_a, graphs_a), (loss_d, grad_d, w_d, graphs_d) = results["alone"], results["ddp"]
+dgrad = (grad_d - grad_a).norm().item() / grad_a.norm().item()
+dw = (w_d - w_a).abs().max().item()
+with open(info, "a") as f:
+    f.write(f"  {'nccl' if cuda else 'gloo'}, {str(dtype)[6:]}: loss {loss_a:.5f} alone, {loss_d:.5f} under DDP; "
+            f"gradients differ by {dgrad:.2e} (relative), weights after the step by {dw:.2e}; "
+            f"graphs compiled: {graphs_a} alone, {graphs_d} under DDP\n")
+good = abs(loss_d - loss_a) <= 1e-3 * abs(loss_a) and dgrad < 1e-2 and dw < 1e-3
+with open(verdict, "w") as f:
+    f.write(f"{'PASS' if good else 'FAIL'}\tone compiled DDP step: loss {loss_a:.5f} vs {loss_d:.5f}, gradients "
+            f"{dgrad:.2e} apart, weights {dw:.2e}\n")
+EOF
+    verdict "$WORK/ddp.verdict"
+}
+
+check_fp16() {
+    local out=$WORK/fp16
+    run_logged "$FP16_CAP" "$WORK/fp16.out" "$PYTHON" -u train_gpt2.py --model "$MODEL" --seq_len "$T" \
+        --batch_size "$B" --total_batch_size $((B * T)) --max_steps "$FP16_STEPS" --warmup_steps "$FP16_WARMUP" \
+        --lr "$TRAIN_LR" --dtype fp16 --no-compile --device "$DEVICE" --val_every 0 --sample_every 0 \
+        --save_every 0 --data_dir "$DATA" --out_dir "$out" ${RESUME_PEAK[@]+"${RESUME_PEAK[@]}"}
+    "$PYTHON" - "$out" "$WORK/fp16.info" > "$WORK/fp16.verdict" <<'EOF' || fail "reading the fp16 run crashed (see above)"
+import json, math, os, sys
+import torch
+import train_gpt2 as tg
+
+out, info = sys.argv[1], sys.argv[2]
+steps = [r for r in map(json.loads, open(os.path.join(out, "log.jsonl"))) if "train_loss" in r]
+saved = tg.list_checkpoints(out)
+if not steps or not saved:
+    sys.exit(print("FAIL\tthe fp16 run left no train_loss records or no checkpoint"))
+scaler = torch.load(saved[-1], map_location="cpu", weights_only=True, mmap=True)["scaler"]
+scale = scaler.get("scale", float("nan"))
+first, last = steps[0]["train_loss"], steps[-1]["train_loss"]
+numbers = f"loss {first:.4f} -> {last:.4f} over {len(steps)} steps, loss scale {scale:g} at the end"
+with open(info, "a") as f:
+    f.write(f"  {numbers}\n")
+good = math.isfinite(first) and math.isfinite(last) and last < first / 2 and math.isfinite(scale) and scale > 0
+print(f"{'PASS' if good else 'FAIL'}\t{numbers} (the loss must end below half the first)")
+EOF
+    verdict "$WORK/fp16.verdict"
+}
+
 check_resume() {
     local full=$WORK/resume_full cut=$WORK/resume_cut t pid n rc saved stopped
     local run=("$PYTHON" -u train_gpt2.py --model "$MODEL" --seq_len "$T" --batch_size "$RESUME_B"
@@ -353,6 +501,27 @@ EOF
     exit 1
 fi
 echo "gpu_check: $DEVICE_INFO"
+# Inductor's caches off: a kernel built on another day must not hide a machine that cannot build one now
+if ! COMPILE_INFO=$(TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 "$PYTHON" - "$DEVICE" 2> "$WORK/preflight.err" <<'EOF'
+import sys
+import torch
+
+x = torch.randn(64, device=sys.argv[1])
+try:
+    y = torch.compile(lambda t: torch.sin(t) * 2 + 1)(x)
+    torch.testing.assert_close(y, torch.sin(x) * 2 + 1)
+except Exception as e:
+    said = next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:200]
+    print(f"torch.compile cannot build a kernel on this machine ({type(e).__name__}: {said}); install a C compiler "
+          "(e.g. apt-get install build-essential), or train with --no-compile")
+    sys.exit(1)
+print("torch.compile builds kernels here")
+EOF
+); then
+    echo "gpu_check: FAIL: $COMPILE_INFO" >&2
+    exit 1
+fi
+echo "gpu_check: $COMPILE_INFO"
 
 CHECK=shards
 make_shards

@@ -160,7 +160,7 @@ def test_dtype_the_device_cannot_run(monkeypatch):
 
     monkeypatch.setattr(tg, "native_bf16", lambda device: False)
     with pytest.raises(tg.UserError, match="--dtype bf16 is not supported"):
-        tg.resolve_dtype("bf16", torch.device("cuda"))
+        tg.resolve_dtype("bf16", torch.device("mps"))
     assert tg.resolve_dtype("auto", torch.device("cuda")) == torch.float16  # older GPUs: fp16 + GradScaler
     assert tg.resolve_dtype("auto", torch.device("cpu")) == torch.float32  # no native bf16: fp32, not emulation
 

@@ -1,12 +1,17 @@
-"""--fsdp (FSDP2 fully_shard) under torchrun with 2 gloo ranks: the same run as DDP, resumable, exportable."""
+"""Under torchrun with 2 gloo ranks: --fsdp (FSDP2 fully_shard) gives the same run as DDP, resumable and exportable;
+DDP and FSDP under --compile give the eager run's losses; FSDP's gather dtype and fp16 loss scaling; one all-reduce
+per DDP step."""
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import train_gpt2 as tg
-from test_train import TINY, load_weights, make_shards, read_log, run_cli
+from test_train import ROOT, TINY, load_weights, make_shards, read_log, run_cli
 
 # 2 ranks x 2 micro-steps x 2 sequences of 32 tokens per step, with validation and a sample every 2 steps
 FSDP_RUN = TINY + ["--max_steps", "4", "--batch_size", "2", "--val_every", "2", "--sample_every", "2",
@@ -16,18 +21,22 @@ FSDP_RUN = TINY + ["--max_steps", "4", "--batch_size", "2", "--val_every", "2", 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One DDP run and one FSDP run (with activation checkpointing, which must not change the numbers) of the
-    same 4 steps, and an FSDP run stopped at step 2 then resumed."""
+    same 4 steps, an FSDP run stopped at step 2 then resumed, and DDP and FSDP runs under --compile (without the
+    evaluations, whose no-grad graphs would be compiles of their own)."""
     root = tmp_path_factory.mktemp("fsdp")
     data = str(root / "shards")
     make_shards(data, train_sizes=(6000, 5000), val_size=3000)
     common = FSDP_RUN + ["--data_dir", data]
     fsdp = ["--fsdp", "--activation_checkpointing"]
-    out = {name: str(root / name) for name in ("ddp", "fsdp", "split")}
+    compiled = ["--compile", "--val_every", "0", "--sample_every", "0"]
+    out = {name: str(root / name) for name in ("ddp", "fsdp", "split", "ddp_compiled", "fsdp_compiled")}
     results = {
         "ddp": run_cli(common + ["--out_dir", out["ddp"]], torchrun_procs=2),
         "fsdp": run_cli(common + fsdp + ["--out_dir", out["fsdp"]], torchrun_procs=2),
         "stop": run_cli(common + fsdp + ["--out_dir", out["split"], "--stop_at_step", "2"], torchrun_procs=2),
         "resume": run_cli(common + fsdp + ["--out_dir", out["split"], "--resume", "auto"], torchrun_procs=2),
+        "ddp_compiled": run_cli(common + compiled + ["--out_dir", out["ddp_compiled"]], torchrun_procs=2),
+        "fsdp_compiled": run_cli(common + compiled + ["--fsdp", "--out_dir", out["fsdp_compiled"]], torchrun_procs=2),
     }
     for name, r in results.items():
         assert r.returncode == 0, f"{name}: {r.stderr[-3000:]}"
@@ -53,6 +62,23 @@ def test_fsdp_gives_the_losses_and_weights_of_ddp(runs):
     for k in a:
         # AdamW divides by sqrt(v): where a gradient is ~0 a rounding difference moves a weight by a sizeable part of
         # one update (lr 3e-3); 1e-4 is 3% of that, and far below the changes 4 steps make
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["ddp_compiled", "fsdp_compiled"])
+def test_compiled_runs_give_the_eager_runs_losses(runs, name):
+    out, results = runs
+    assert "compile True" in results[name].stdout
+    eager = {r["step"]: r for r in read_log(out["ddp"]) if "train_loss" in r}
+    compiled = {r["step"]: r for r in read_log(out[name]) if "train_loss" in r}
+    assert sorted(compiled) == sorted(eager) == [1, 2, 3, 4]
+    for step, r in compiled.items():
+        # Inductor's kernels round differently from eager ones: fp32 rounding only
+        assert r["train_loss"] == pytest.approx(eager[step]["train_loss"], rel=1e-5), (name, step)
+        assert r["grad_norm"] == pytest.approx(eager[step]["grad_norm"], rel=1e-3), (name, step)
+    a = load_weights(os.path.join(out["ddp"], "ckpt_0000004.pt"))
+    b = load_weights(os.path.join(out[name], "ckpt_0000004.pt"))
+    for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-4)
 
 
@@ -107,3 +133,102 @@ def test_impossible_fsdp_runs_are_refused_in_one_line(tmp_path, argv, env, fragm
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0] and "--fsdp" in lines[0], r.stderr
     assert not os.path.exists(out)
+
+
+# 2 ranks shard a small GPT with train_gpt2.shard_model, take one autocast step, and report what the ranks saw: the
+# dtype a Block's and the root's weights had in forward, whether the step changed the weights, the loss scale
+# before and after. With fp16, rank 1 first makes one of its own gradient shards inf.
+SHARDED_STEP = """
+import json, sys
+import torch
+import torch.distributed as dist
+import train_gpt2 as tg
+
+dist.init_process_group("gloo")
+rank, dtype = dist.get_rank(), getattr(torch, sys.argv[1])
+torch.manual_seed(0)
+config = tg.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100, padded_vocab_size=128)
+model = tg.GPT(config)
+tg.shard_model(model, torch.device("cpu"), 2, dtype, compile_blocks=False)
+seen = {}
+model.transformer.h[0].attn.c_attn.register_forward_pre_hook(lambda m, a: seen.setdefault("block", str(m.weight.dtype)) and None)
+model.transformer.wte.register_forward_pre_hook(lambda m, a: seen.setdefault("root", str(m.weight.dtype)) and None)
+scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)  # as the Trainer makes it
+optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+idx = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+with torch.autocast("cpu", dtype=dtype):
+    _, loss = model(idx, idx)
+scaler.scale(loss).backward()
+before = [p.to_local().clone() for p in model.parameters()]
+if rank == 1 and scaler.is_enabled():
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.grad.to_local().numel()).grad.to_local().view(-1)[0] = float("inf")
+scale = scaler.get_scale()
+scaler.step(optimizer)
+scaler.update()
+stepped = any(not torch.equal(a, p.to_local()) for a, p in zip(before, model.parameters()))
+print(json.dumps({"rank": rank, **seen, "stepped": stepped, "scales": [scale, scaler.get_scale()]}), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def sharded_step(tmp_path, dtype: str) -> list[dict]:
+    script = tmp_path / "sharded_step.py"
+    script.write_text(SHARDED_STEP)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), dtype], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    assert r.returncode == 0, r.stderr[-3000:]
+    reports = sorted((json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")),
+                     key=lambda report: report["rank"])
+    assert [report["rank"] for report in reports] == [0, 1]
+    return reports
+
+
+def test_fsdp_fp16_steps_are_skipped_on_every_rank_when_one_rank_overflows(tmp_path):
+    # each rank unscales only its own shards: the inf on rank 1 must still make rank 0 skip the step and back off,
+    # or the ranks' weights and scales would drift apart
+    for report in sharded_step(tmp_path, "float16"):
+        assert not report["stepped"], report
+        assert report["scales"] == [65536.0, 32768.0], report
+
+
+def test_fsdp_on_a_cpu_gathers_in_fp32_under_bf16_autocast(tmp_path):
+    # a CPU's autocast leaves layer_norm's weights as they are, and an fp32 input with bf16 weights is an error there
+    # (the run would crash); on CUDA the Blocks are gathered in bf16, and the root always in fp32
+    for report in sharded_step(tmp_path, "bfloat16"):
+        assert report["block"] == report["root"] == "torch.float32" and report["stepped"], report
+    assert tg.fsdp_gather_dtype(torch.device("cuda"), torch.bfloat16) == torch.bfloat16
+    assert tg.fsdp_gather_dtype(torch.device("cuda"), torch.float16) is None
+    assert tg.fsdp_gather_dtype(torch.device("cuda"), torch.float32) is None
+
+
+# A DDP run whose ranks count their calls to dist.all_reduce (DDP's own gradient all-reduce is in C++ and not
+# counted): with --val_every 0 and no FSDP, what remains is the step's loss and the stop-signal check.
+COUNTED_RUN = """
+import sys
+import torch.distributed as dist
+import train_gpt2 as tg
+
+calls = []
+all_reduce = dist.all_reduce
+dist.all_reduce = lambda *args, **kwargs: calls.append(1) or all_reduce(*args, **kwargs)
+try:
+    tg.main(sys.argv[1:])
+finally:
+    print(f"all_reduce calls: {len(calls)}", flush=True)
+"""
+
+
+def test_a_ddp_step_makes_one_all_reduce_for_its_loss_and_the_stop_signal(tmp_path):
+    data = str(tmp_path / "shards")
+    make_shards(data)
+    script = tmp_path / "counted_run.py"
+    script.write_text(COUNTED_RUN)
+    argv = TINY + ["--data_dir", data, "--out_dir", str(tmp_path / "out"), "--max_steps", "3", "--val_every", "0",
+                   "--batch_size", "2"]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), *argv], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("all_reduce calls: 3") == 2, r.stdout  # both ranks, 3 steps
