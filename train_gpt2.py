@@ -485,7 +485,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         # smallest subnormal and flush most of the head's gradient to zero under fp16 autocast.
         valid = targets != -1
         inv_n = 1.0 / valid.sum()  # a tensor, so no host sync
-        weights = valid.float()
+        counted = valid.float()  # each position's weight in the sum: 1, or 0 where ignored
         chunk = xent_chunk_traced if torch.compiler.is_compiling() else xent_chunk
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         grad_x = torch.empty_like(x) if with_grad else None
@@ -498,7 +498,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             xc = x[start:start + rows].to(dtype)
             # the mask is applied inside the kernel: as a matmul bias it would cost a copy of the whole chunk
             logits = F.linear(xc, weight)
-            loss_c, grad = chunk(logits, targets[start:start + rows], weights[start:start + rows], vocab_size, cap)
+            loss_c, grad = chunk(logits, targets[start:start + rows], counted[start:start + rows], vocab_size, cap)
             loss = loss + loss_c
             if with_grad:
                 grad_x[start:start + rows] = grad @ weight
@@ -785,6 +785,10 @@ def config_from_hf(c, name: str, dropout: float) -> GPTConfig:
 # data: GPT-2 tokenizer; llm.c (*.bin) and build-nanogpt (*.npy) shards, read as one memory-mapped token stream
 
 
+# GPT-2's own pre-tokenisation pattern: contractions, letters, numbers, punctuation, whitespace
+GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
 @functools.lru_cache(maxsize=1)
 def get_tokenizer():
     """GPT-2's BPE from the bundled ranks: ids identical to tiktoken's `gpt2`, with no download. Built once per
@@ -796,8 +800,7 @@ def get_tokenizer():
         raise UserError(f"GPT-2 BPE ranks not found at {BPE_RANKS_PATH}; restore data/gpt2.tiktoken from the repository")
     return tiktoken.Encoding(
         name="gpt2",
-        # GPT-2's own pre-tokenisation pattern: contractions, letters, numbers, punctuation, whitespace
-        pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+        pat_str=GPT2_SPLIT_PATTERN,
         mergeable_ranks=load_tiktoken_bpe(BPE_RANKS_PATH),
         special_tokens={"<|endoftext|>": EOT_TOKEN},
     )

@@ -114,7 +114,7 @@ def test_prep_and_trainer_share_one_contract():
         == (20240520, 1, 256, 1024)
     assert gpt2_tokens.EOT_TOKEN == train_gpt2.EOT_TOKEN == enc.eot_token == EOT
     assert os.path.samefile(gpt2_tokens.BPE_RANKS_PATH, train_gpt2.BPE_RANKS_PATH)
-    assert gpt2_tokens.GPT2_SPLIT_PATTERN == enc._pat_str
+    assert gpt2_tokens.GPT2_SPLIT_PATTERN == train_gpt2.GPT2_SPLIT_PATTERN == enc._pat_str
     assert enc._special_tokens == {"<|endoftext|>": gpt2_tokens.EOT_TOKEN}
     assert enc.n_vocab == EOT + 1 <= 2**16  # every id fits the uint16 shards
 
