@@ -847,18 +847,6 @@ HEADER_INTS = 256  # the header is 256 int32: magic, version, token count, then 
 HEADER_BYTES = HEADER_INTS * 4
 
 
-def write_shard(path: str, tokens: np.ndarray) -> None:
-    """Write uint16 tokens as an llm.c shard, atomically: a crash never leaves a truncated file under `path`."""
-    tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
-        raise ValueError("token ids must fit in uint16")
-    header = np.zeros(HEADER_INTS, dtype=np.int32)
-    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, tokens.size
-    with atomic_write(path) as f:
-        f.write(header.tobytes())
-        tokens.astype(np.uint16, copy=False).tofile(f)  # no bytes copy of a 200 MB shard
-
-
 def read_shard(path: str) -> np.ndarray:
     """Memory-map one shard's tokens as uint16, after checking its header against the file size."""
     if path.endswith(".npy"):

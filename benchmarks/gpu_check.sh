@@ -9,7 +9,7 @@
 #   preflight  torch.compile builds one small kernel on the device, with Inductor's caches off, so a machine
 #           without a working C compiler fails here in one line, not in the middle of a run
 #   shards  a fixed random sequence of 1009 tokens (127 in the smoke) repeated, so the loss can fall within 300
-#           steps, written with train_gpt2.write_shard as two train shards and one val shard
+#           steps, written with gpt2_tokens.write_shard as two train shards and one val shard
 #   ladder  python train_gpt2.py --benchmark ladder --model gpt2 --seq_len 1024 --batch_size 16: each
 #           optimisation added in turn; its last two rows are torch.compile with the plain head and with the
 #           chunked linear + cross-entropy, side by side. PASS if it runs and prints all its rows.
@@ -167,6 +167,7 @@ make_shards() {
     "$PYTHON" - "$DATA" "$PERIOD" "$TRAIN_TOKENS" "$VAL_TOKENS" <<'EOF'
 import os, sys
 import numpy as np
+import gpt2_tokens
 import train_gpt2 as tg
 
 data, period, n_train, n_val = sys.argv[1], *map(int, sys.argv[2:])
@@ -174,8 +175,8 @@ os.makedirs(data, exist_ok=True)
 pattern = np.random.default_rng(0).integers(0, tg.GPT2_VOCAB_SIZE, period, dtype=np.uint16)
 stream = np.resize(pattern, 2 * n_train)  # the pattern over and over, across the shard boundary
 for i, part in enumerate((stream[:n_train], stream[n_train:]), start=1):
-    tg.write_shard(os.path.join(data, f"gpucheck_train_{i:06d}.bin"), part)
-tg.write_shard(os.path.join(data, "gpucheck_val_000000.bin"), np.resize(pattern, n_val))
+    gpt2_tokens.write_shard(os.path.join(data, f"gpucheck_train_{i:06d}.bin"), part)
+gpt2_tokens.write_shard(os.path.join(data, "gpucheck_val_000000.bin"), np.resize(pattern, n_val))
 assert len(tg.TokenStream(data, "train")) == 2 * n_train and tg.find_shards(data, "val")
 print(f"shards: 2 x {n_train:,} train + {n_val:,} val tokens in {data} (a random {period}-token sequence, repeated)")
 EOF

@@ -72,8 +72,15 @@ def tiktoken_stream(texts: list[str]) -> np.ndarray:
     return np.array([t for text in texts for t in [EOT, *tiktoken_ids(text)]], dtype=np.uint16)
 
 
+def llmc_shard(tokens: np.ndarray) -> bytes:
+    """llm.c's shard layout written out by hand: 256 little-endian int32 (magic, version, token count, then zeros),
+    then the tokens as little-endian uint16."""
+    header = [20240520, 1, len(tokens)] + [0] * 253
+    return np.array(header, dtype="<i4").tobytes() + np.asarray(tokens, dtype="<u2").tobytes()
+
+
 def tiktoken_shards(texts: list[str], out_dir, prefix: str, shard_size: int, val_tokens: int) -> None:
-    """Shards as the README lays them out, written with train_gpt2's writer from tiktoken's ids: the val split is
+    """Shards as the README lays them out, written by hand (llmc_shard) from tiktoken's ids: the val split is
     the first val_tokens tokens, in shards of at most shard_size, then train shards of shard_size, the last partial;
     shard indices run on across the two splits."""
     stream = tiktoken_stream(texts)
@@ -84,7 +91,8 @@ def tiktoken_shards(texts: list[str], out_dir, prefix: str, shard_size: int, val
         if start < val_tokens:
             end = min(end, val_tokens)
         split = "val" if start < val_tokens else "train"
-        train_gpt2.write_shard(os.path.join(out_dir, f"{prefix}_{split}_{index:06d}.bin"), stream[start:end])
+        with open(os.path.join(out_dir, f"{prefix}_{split}_{index:06d}.bin"), "wb") as f:
+            f.write(llmc_shard(stream[start:end]))
 
 
 def shard_bytes(out_dir) -> dict[str, bytes]:
@@ -119,16 +127,16 @@ def test_prep_and_trainer_share_one_contract():
     assert enc.n_vocab == EOT + 1 <= 2**16  # every id fits the uint16 shards
 
 
-def test_shards_written_on_either_side_are_the_same_bytes(tmp_path):
+def test_prep_writes_llmc_shards_that_both_sides_read(tmp_path):
     rng = np.random.default_rng(0)
     for n, tokens in enumerate([rng.integers(0, 2**16, 5000, dtype=np.uint16), np.array([], np.uint16),
                                 np.array([0, EOT, 2**16 - 1], np.uint16)]):
-        ours, theirs = tmp_path / f"ours_{n}.bin", tmp_path / f"theirs_{n}.bin"
+        ours, by_hand = tmp_path / f"ours_{n}.bin", tmp_path / f"by_hand_{n}.bin"
         gpt2_tokens.write_shard(str(ours), tokens)
-        train_gpt2.write_shard(str(theirs), tokens)
-        assert ours.read_bytes() == theirs.read_bytes()
+        by_hand.write_bytes(llmc_shard(tokens))
+        assert ours.read_bytes() == by_hand.read_bytes()
         assert np.array_equal(train_gpt2.read_shard(str(ours)), tokens)
-        assert np.array_equal(gpt2_tokens.read_shard(str(theirs)), tokens)
+        assert np.array_equal(gpt2_tokens.read_shard(str(by_hand)), tokens)
     with pytest.raises(ValueError):
         gpt2_tokens.write_shard(str(tmp_path / "big.bin"), np.array([2**16]))
     assert not (tmp_path / "big.bin").exists()

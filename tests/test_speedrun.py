@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import gpt2_tokens
 import train_gpt2 as tg
 from test_options import assert_one_line_error, ckpt, cli, kept_global_state, ok, optimizer_tensors, read_log
 from test_train import TINY, make_shards
@@ -314,9 +315,9 @@ def document_shards(folder, doc_lengths, seed=0, val=600):
     stream[body] = np.arange(1, body.sum() + 1) % 50000 + 1
     os.makedirs(folder, exist_ok=True)
     cut = len(stream) // 2
-    tg.write_shard(os.path.join(folder, "d_val_000000.bin"), rng.integers(0, 50000, val, dtype=np.uint16))
-    tg.write_shard(os.path.join(folder, "d_train_000001.bin"), stream[:cut].astype(np.uint16))
-    tg.write_shard(os.path.join(folder, "d_train_000002.bin"), stream[cut:].astype(np.uint16))
+    gpt2_tokens.write_shard(os.path.join(folder, "d_val_000000.bin"), rng.integers(0, 50000, val, dtype=np.uint16))
+    gpt2_tokens.write_shard(os.path.join(folder, "d_train_000001.bin"), stream[:cut].astype(np.uint16))
+    gpt2_tokens.write_shard(os.path.join(folder, "d_train_000002.bin"), stream[cut:].astype(np.uint16))
     return stream
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import gpt2_tokens
 import train_gpt2 as tg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,11 +30,11 @@ def make_shards(folder, train_sizes=(3000, 2500), val_size=1500, seed=0, vocab=t
     """Random-token shards; returns the train stream as one array, for independent comparisons."""
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)
-    tg.write_shard(os.path.join(folder, "t_val_000000.bin"), rng.integers(0, vocab, val_size, dtype=np.uint16))
+    gpt2_tokens.write_shard(os.path.join(folder, "t_val_000000.bin"), rng.integers(0, vocab, val_size, dtype=np.uint16))
     parts = []
     for i, n in enumerate(train_sizes, start=1):
         tokens = rng.integers(0, vocab, n, dtype=np.uint16)
-        tg.write_shard(os.path.join(folder, f"t_train_{i:06d}.bin"), tokens)
+        gpt2_tokens.write_shard(os.path.join(folder, f"t_train_{i:06d}.bin"), tokens)
         parts.append(tokens)
     return np.concatenate(parts)
 
@@ -122,7 +123,7 @@ def data_dir(tmp_path_factory):
 
 def test_shard_round_trip_and_npy(tmp_path):
     tokens = np.arange(1000, dtype=np.uint16) * 7
-    tg.write_shard(str(tmp_path / "a_train_0.bin"), tokens)
+    gpt2_tokens.write_shard(str(tmp_path / "a_train_0.bin"), tokens)
     header = np.fromfile(tmp_path / "a_train_0.bin", dtype=np.int32, count=256)
     assert (header[0], header[1], header[2]) == (20240520, 1, 1000)
     assert np.array_equal(tg.read_shard(str(tmp_path / "a_train_0.bin")), tokens)
@@ -135,9 +136,9 @@ def test_shard_round_trip_and_npy(tmp_path):
 def test_loader_covers_every_token_once_per_epoch_and_ranks_are_disjoint(tmp_path, world_size):
     # unique token values make every position identifiable; shard sizes are not multiples of anything
     tokens = np.arange(2 * 1237 + 901, dtype=np.uint16)
-    tg.write_shard(str(tmp_path / "u_train_1.bin"), tokens[:1237])
-    tg.write_shard(str(tmp_path / "u_train_2.bin"), tokens[1237:2 * 1237])
-    tg.write_shard(str(tmp_path / "u_train_3.bin"), tokens[2 * 1237:])
+    gpt2_tokens.write_shard(str(tmp_path / "u_train_1.bin"), tokens[:1237])
+    gpt2_tokens.write_shard(str(tmp_path / "u_train_2.bin"), tokens[1237:2 * 1237])
+    gpt2_tokens.write_shard(str(tmp_path / "u_train_3.bin"), tokens[2 * 1237:])
     B, T = 3, 16
     loaders = [tg.ShardLoader(str(tmp_path), "train", B, T, r, world_size) for r in range(world_size)]
     steps_per_epoch = (len(tokens) - 1) // (B * T * world_size)
@@ -174,7 +175,7 @@ def test_loader_state_resumes_the_same_batches(tmp_path):
 @pytest.mark.parametrize("damage", ["magic", "truncated", "version", "short"])
 def test_corrupt_shards_are_named(tmp_path, damage):
     path = str(tmp_path / "c_train_1.bin")
-    tg.write_shard(path, np.arange(100, dtype=np.uint16))
+    gpt2_tokens.write_shard(path, np.arange(100, dtype=np.uint16))
     raw = bytearray(open(path, "rb").read())
     if damage == "magic":
         raw[0:4] = np.int32(12345).tobytes()
@@ -190,7 +191,7 @@ def test_corrupt_shards_are_named(tmp_path, damage):
 
 
 def test_token_outside_vocabulary_is_named(tmp_path):
-    tg.write_shard(str(tmp_path / "v_train_1.bin"), np.full(500, 60000, dtype=np.uint16))
+    gpt2_tokens.write_shard(str(tmp_path / "v_train_1.bin"), np.full(500, 60000, dtype=np.uint16))
     loader = tg.ShardLoader(str(tmp_path), "train", 2, 16)
     with pytest.raises(tg.UserError, match="60000"):
         loader.next_batch()
