@@ -135,11 +135,12 @@ def test_impossible_fsdp_runs_are_refused_in_one_line(tmp_path, argv, env, fragm
     assert not os.path.exists(out)
 
 
-# 2 ranks shard a small GPT with train_gpt2.shard_model, take one autocast step, and report what the ranks saw: the
-# dtype a Block's and the root's weights had in forward, whether the step changed the weights, the loss scale
-# before and after. With fp16, rank 1 first makes one of its own gradient shards inf.
+# 2 ranks shard a small GPT with train_gpt2.shard_model, take one autocast step, and report what the ranks saw, each
+# in a file of its own (their stdout lines can interleave): the dtype a Block's and the root's weights had in
+# forward, whether the step changed the weights, the loss scale before and after. With fp16, rank 1 first makes one
+# of its own gradient shards inf.
 SHARDED_STEP = """
-import json, sys
+import json, os, sys
 import torch
 import torch.distributed as dist
 import train_gpt2 as tg
@@ -167,7 +168,8 @@ scale = scaler.get_scale()
 scaler.step(optimizer)
 scaler.update()
 stepped = any(not torch.equal(a, p.to_local()) for a, p in zip(before, model.parameters()))
-print(json.dumps({"rank": rank, **seen, "stepped": stepped, "scales": [scale, scaler.get_scale()]}), flush=True)
+with open(os.path.join(sys.argv[2], f"report_{rank}.json"), "w") as f:
+    json.dump({"rank": rank, **seen, "stepped": stepped, "scales": [scale, scaler.get_scale()]}, f)
 dist.destroy_process_group()
 """
 
@@ -176,11 +178,10 @@ def sharded_step(tmp_path, dtype: str) -> list[dict]:
     script = tmp_path / "sharded_step.py"
     script.write_text(SHARDED_STEP)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script), dtype], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                        str(script), dtype, str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
     assert r.returncode == 0, r.stderr[-3000:]
-    reports = sorted((json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")),
-                     key=lambda report: report["rank"])
+    reports = [json.loads((tmp_path / f"report_{rank}.json").read_text()) for rank in (0, 1)]
     assert [report["rank"] for report in reports] == [0, 1]
     return reports
 
@@ -206,7 +207,7 @@ def test_fsdp_on_a_cpu_gathers_in_fp32_under_bf16_autocast(tmp_path):
 # A DDP run whose ranks count their calls to dist.all_reduce (DDP's own gradient all-reduce is in C++ and not
 # counted): with --val_every 0 and no FSDP, what remains is the step's loss and the stop-signal check.
 COUNTED_RUN = """
-import sys
+import os, sys
 import torch.distributed as dist
 import train_gpt2 as tg
 
@@ -214,9 +215,10 @@ calls = []
 all_reduce = dist.all_reduce
 dist.all_reduce = lambda *args, **kwargs: calls.append(1) or all_reduce(*args, **kwargs)
 try:
-    tg.main(sys.argv[1:])
+    tg.main(sys.argv[2:])
 finally:
-    print(f"all_reduce calls: {len(calls)}", flush=True)
+    with open(os.path.join(sys.argv[1], f"calls_{os.environ['RANK']}.txt"), "w") as f:
+        f.write(str(len(calls)))
 """
 
 
@@ -228,7 +230,7 @@ def test_a_ddp_step_makes_one_all_reduce_for_its_loss_and_the_stop_signal(tmp_pa
     argv = TINY + ["--data_dir", data, "--out_dir", str(tmp_path / "out"), "--max_steps", "3", "--val_every", "0",
                    "--batch_size", "2"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script), *argv], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                        str(script), str(tmp_path), *argv], capture_output=True, text=True, cwd=ROOT, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("all_reduce calls: 3") == 2, r.stdout  # both ranks, 3 steps
+    assert [(tmp_path / f"calls_{rank}.txt").read_text() for rank in (0, 1)] == ["3", "3"]  # 3 steps on each rank
