@@ -231,13 +231,21 @@ EOF
     verdict "$WORK/ladder.verdict"
 }
 
+# short_run CAP NAME STEPS WARMUP FLAGS...: a train_gpt2.py run of the model on the shards, one micro-step a step, no
+# evaluation, its output in $WORK/NAME.out and its out_dir $WORK/NAME; FLAGS come last, so they can override
+short_run() {
+    local cap=$1 name=$2 steps=$3 warmup=$4
+    shift 4
+    run_logged "$cap" "$WORK/$name.out" "$PYTHON" -u train_gpt2.py --model "$MODEL" --seq_len "$T" \
+        --batch_size "$B" --total_batch_size $((B * T)) --max_steps "$steps" --warmup_steps "$warmup" \
+        --lr "$TRAIN_LR" --device "$DEVICE" --val_every 0 --sample_every 0 --data_dir "$DATA" --out_dir "$WORK/$name" \
+        "$@"
+}
+
 check_train() {
     local out=$WORK/train
-    run_logged "$TRAIN_CAP" "$WORK/train.out" "$PYTHON" -u train_gpt2.py --model "$MODEL" --seq_len "$T" \
-        --batch_size "$B" --total_batch_size $((B * T)) --max_steps "$TRAIN_STEPS" --warmup_steps "$TRAIN_WARMUP" \
-        --lr "$TRAIN_LR" --dtype "$TRAIN_DTYPE" --compile --device "$DEVICE" --val_every 0 --sample_every 0 \
-        --save_every $((TRAIN_STEPS / 2)) --keep_last 1 --data_dir "$DATA" --out_dir "$out" \
-        ${PEAK[@]+"${PEAK[@]}"} ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"}
+    short_run "$TRAIN_CAP" train "$TRAIN_STEPS" "$TRAIN_WARMUP" --dtype "$TRAIN_DTYPE" --compile \
+        --save_every $((TRAIN_STEPS / 2)) --keep_last 1 ${PEAK[@]+"${PEAK[@]}"} ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"}
     "$PYTHON" - "$out" "$WORK/train.info" > "$WORK/train.verdict" <<'EOF' || fail "reading the run's log crashed (see above)"
 import json, math, os, statistics, sys
 import torch
@@ -378,10 +386,8 @@ EOF
 
 check_fp16() {
     local out=$WORK/fp16
-    run_logged "$FP16_CAP" "$WORK/fp16.out" "$PYTHON" -u train_gpt2.py --model "$MODEL" --seq_len "$T" \
-        --batch_size "$B" --total_batch_size $((B * T)) --max_steps "$FP16_STEPS" --warmup_steps "$FP16_WARMUP" \
-        --lr "$TRAIN_LR" --dtype fp16 --no-compile --device "$DEVICE" --val_every 0 --sample_every 0 \
-        --save_every 0 --data_dir "$DATA" --out_dir "$out" ${RESUME_PEAK[@]+"${RESUME_PEAK[@]}"}
+    short_run "$FP16_CAP" fp16 "$FP16_STEPS" "$FP16_WARMUP" --dtype fp16 --no-compile --save_every 0 \
+        ${RESUME_PEAK[@]+"${RESUME_PEAK[@]}"}
     "$PYTHON" - "$out" "$WORK/fp16.info" > "$WORK/fp16.verdict" <<'EOF' || fail "reading the fp16 run crashed (see above)"
 import json, math, os, sys
 import torch
