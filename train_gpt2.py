@@ -66,6 +66,22 @@ def atomic_write(path: str, mode: str = "wb", verify=None):
             os.remove(tmp)
 
 
+def is_master() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def print0(*args, **kwargs) -> None:
+    if is_master():
+        print(*args, **kwargs, flush=True)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # config
 
@@ -169,61 +185,9 @@ def check_config(config: GPTConfig) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# model: GPT-2 as released by default (pre-norm blocks, learned positions, biases, tied embeddings, HF-weight-
-# compatible); the options make the Llama-style variant (RMSNorm, RoPE, grouped-query attention, SwiGLU, no biases)
-
-
-def make_norm(config: GPTConfig) -> nn.Module:
-    if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.n_embd, eps=1e-5)
-    return nn.LayerNorm(config.n_embd, bias=config.bias)
-
-
-def make_dropout(p: float) -> nn.Module:
-    return nn.Dropout(p) if p > 0 else nn.Identity()  # no kernel launch at all in the usual p = 0 case
-
-
-class Rotary(nn.Module):
-    """RoPE tables: position t turns dimension pair (i, i + head_dim/2) by t * theta^(-2i/head_dim). The two halves
-    of a head form the pairs (not adjacent dimensions), the layout Llama checkpoints use."""
-
-    def __init__(self, head_dim: int, max_len: int, theta: float):
-        super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, head_dim / 2)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
-
-    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[start:start + length], self.sin[start:start + length]
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, heads, T, head_dim) rotated by the (T, head_dim/2) angle tables, in x's dtype."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-
-
-class KVCache:
-    """Keys and values of every position seen so far, per layer, so each generated token costs one position's
-    work instead of the whole prefix's. Stores the n_kv_head heads, not the repeated ones: GQA's memory saving."""
-
-    def __init__(self, config: GPTConfig, batch_size: int):
-        self.shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
-        self.k: list[torch.Tensor | None] = [None] * config.n_layer
-        self.v: list[torch.Tensor | None] = [None] * config.n_layer
-        self.pos = 0  # positions filled, in every layer
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new positions' keys and values; return those of all positions so far."""
-        if self.k[layer] is None:  # allocated on first use, in the dtype autocast gives the keys
-            self.k[layer] = k.new_zeros(self.shape)
-            self.v[layer] = v.new_zeros(self.shape)
-        end = self.pos + k.size(2)
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+# kernels: the forms the model takes where they are faster than the obvious ones. A CPU under torch.compile gets
+# an explicit attention and a sigmoid-form GELU; every device gets the chunked head + cross-entropy, which never
+# holds all the logits. Each is tested against the plain form it replaces.
 
 
 # On a CPU, PyTorch's flash-attention kernel is built for long sequences. Up to this many positions the explicit
@@ -253,140 +217,12 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropou
     weights = torch.where(allowed, scores, float("-inf")).softmax(dim=-1)
     return F.dropout(weights, dropout_p).to(v.dtype) @ v
 
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, layer: int):
-        super().__init__()
-        self.layer = layer
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        # q for all heads, then k and v for the key/value heads, in one matmul
-        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim,
-                                bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        # QK-norm bounds every attention logit by |gain_q| * |gain_k| * sqrt(head_dim), so a high learning rate
-        # cannot blow up the softmax; the learned gains (the layout of Qwen3 / OLMo 2) set its temperature
-        self.q_norm = nn.RMSNorm(config.head_dim, eps=1e-5) if config.qk_norm else None
-        self.k_norm = nn.RMSNorm(config.head_dim, eps=1e-5) if config.qk_norm else None
-        self.attn_dropout = config.dropout
-        self.resid_dropout = make_dropout(config.dropout)
-        self.manual = False  # explicit softmax(QK^T)V instead of SDPA's fused kernels: the benchmark's baseline
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        B, T, C = x.shape
-        hd, kv = self.head_dim, self.n_kv_head
-        q, k, v = self.c_attn(x).split([self.n_head * hd, kv * hd, kv * hd], dim=2)
-        q = q.view(B, T, self.n_head, hd).transpose(1, 2)
-        k = k.view(B, T, kv, hd).transpose(1, 2)
-        v = v.view(B, T, kv, hd).transpose(1, 2)
-        if self.q_norm is not None:  # gains cast to q's dtype: under autocast that keeps the fused kernel
-            q = F.rms_norm(q, (hd,), self.q_norm.weight.to(q.dtype), self.q_norm.eps)
-            k = F.rms_norm(k, (hd,), self.k_norm.weight.to(k.dtype), self.k_norm.eps)
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)
-        if kv != self.n_head:  # query head i reads key/value head i // (n_head / n_kv_head)
-            k = k.repeat_interleave(self.n_head // kv, dim=1)
-            v = v.repeat_interleave(self.n_head // kv, dim=1)
-        S = k.size(2)
-        mask = None
-        if T > 1 and S > T:  # new tokens after cached ones: each sees the cache and the new tokens up to itself
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-        dropout_p = self.attn_dropout if self.training else 0.0
-        if self.manual or (cache is None and explicit_attention_is_faster(x.device, T)):
-            y = explicit_attention(q, k, v, dropout_p)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and S == T, dropout_p=dropout_p)
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
-
-
-class ReLU2(nn.Module):
-    """relu(x)^2 (So et al. 2021, Primer): sparse like ReLU, smooth at 0; trains faster than GELU per token in the
-    GPT-2 speedrun and nanochat, at the same parameters and FLOPs."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(x).square()
-
-
-class TanhGELU(nn.Module):
-    """GPT-2's tanh-approximate GELU, 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3). Compiled for a
-    CPU it is written as x sigmoid(2u), the same function (1 + tanh(u) = 2 sigmoid(2u)), because Inductor's C++
-    kernels compute an exp several times faster than a tanh (d6 MLP forward + backward: 3.5 ms against 8-12 ms a
-    layer); eagerly F.gelu's one kernel beats the separate passes of the spelled-out form, and a GPU's tanh is cheap."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not compiling_for_cpu(x.device):
-            return F.gelu(x, approximate="tanh")
-        z = x.float()
-        return (z * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (z + 0.044715 * z * z * z))).to(x.dtype)
-
-
-class MLP(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
-        # tanh-GELU is the approximation GPT-2 was trained with
-        self.act = ReLU2() if config.mlp == "relu2" else TanhGELU()
-        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
-        self.dropout = make_dropout(config.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
-
-
-class SwiGLU(nn.Module):
-    """silu(x W_gate) * (x W_up), projected back: the gate and up matrices are one c_fc matmul, gate first."""
-
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 2 * config.mlp_hidden, bias=config.bias)
-        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
-        self.dropout = make_dropout(config.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.c_fc(x).chunk(2, dim=-1)
-        return self.dropout(self.c_proj(F.silu(gate) * up))
-
-
-class Block(nn.Module):
-    def __init__(self, config: GPTConfig, layer: int):
-        super().__init__()
-        self.ln_1 = make_norm(config)
-        self.attn = CausalSelfAttention(config, layer)
-        self.ln_2 = make_norm(config)
-        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, cache)
-        return x + self.mlp(self.ln_2(x))
-
-
-class Int8Linear(nn.Module):
-    """Dynamic int8 quantisation of a Linear, for CPU inference: int8 weights with one scale per output row, and each
-    call quantises its input, so the matmul runs in integers (fbgemm) and reads a quarter of the weight bytes. The
-    input gets one scale per call, so a row's result depends slightly on the other rows of the call: one-token
-    decoding steps are unaffected, a batch or a prompt's prefill are not bit-comparable with other batchings."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        w = weight.detach().float().cpu()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # quantized tensors are deprecated, but the int8 CPU kernels take them
-            qweight = torch.quantize_per_channel(w, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0,
-                                                 torch.qint8)
-            self.packed = torch.ops.quantized.linear_prepack(
-                qweight, None if bias is None else bias.detach().float().cpu())
-        self.register_buffer("weight_int8", qweight.int_repr())
-        self.register_buffer("scale", scale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.size(-1)).float()
-        # reduce_range: 7-bit inputs, so AVX2's 16-bit pairwise products cannot saturate
-        y = torch.ops.quantized.linear_dynamic(flat, self.packed, True)
-        return y.view(*x.shape[:-1], -1).to(x.dtype)
+def gelu_tanh_via_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's GELU, 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3), written as x sigmoid(2u): the same
+    function (1 + tanh(u) = 2 sigmoid(2u)), for Inductor's C++ kernels, which compute an exp several times faster
+    than a tanh. Eagerly F.gelu's one kernel beats these separate passes, and a GPU's tanh is cheap."""
+    z = x.float()
+    return (z * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (z + 0.044715 * z * z * z))).to(x.dtype)
 
 
 LOSS_CHUNK_ROWS = 1024  # positions per chunk: 200 MB of fp32 logits at GPT-2's vocabulary, large enough for fast matmuls
@@ -512,6 +348,194 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_x, grad_w, inv_n = ctx.saved_tensors
         scale = grad_loss * inv_n
         return grad_x * scale, (grad_w * scale).to(ctx.weight_dtype), None, None, None, None, None
+
+# ----------------------------------------------------------------------------------------------------------------
+# model: GPT-2 as released by default (pre-norm blocks, learned positions, biases, tied embeddings, HF-weight-
+# compatible); the options make the Llama-style variant (RMSNorm, RoPE, grouped-query attention, SwiGLU, no biases)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=1e-5)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+def make_dropout(p: float) -> nn.Module:
+    return nn.Dropout(p) if p > 0 else nn.Identity()  # no kernel launch at all in the usual p = 0 case
+
+
+class Rotary(nn.Module):
+    """RoPE tables: position t turns dimension pair (i, i + head_dim/2) by t * theta^(-2i/head_dim). The two halves
+    of a head form the pairs (not adjacent dimensions), the layout Llama checkpoints use."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, head_dim / 2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[start:start + length], self.sin[start:start + length]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, heads, T, head_dim) rotated by the (T, head_dim/2) angle tables, in x's dtype."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class KVCache:
+    """Keys and values of every position seen so far, per layer, so each generated token costs one position's
+    work instead of the whole prefix's. Stores the n_kv_head heads, not the repeated ones: GQA's memory saving."""
+
+    def __init__(self, config: GPTConfig, batch_size: int):
+        self.shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
+        self.k: list[torch.Tensor | None] = [None] * config.n_layer
+        self.v: list[torch.Tensor | None] = [None] * config.n_layer
+        self.pos = 0  # positions filled, in every layer
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions' keys and values; return those of all positions so far."""
+        if self.k[layer] is None:  # allocated on first use, in the dtype autocast gives the keys
+            self.k[layer] = k.new_zeros(self.shape)
+            self.v[layer] = v.new_zeros(self.shape)
+        end = self.pos + k.size(2)
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        # q for all heads, then k and v for the key/value heads, in one matmul
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim,
+                                bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        # QK-norm bounds every attention logit by |gain_q| * |gain_k| * sqrt(head_dim), so a high learning rate
+        # cannot blow up the softmax; the learned gains (the layout of Qwen3 / OLMo 2) set its temperature
+        self.q_norm = nn.RMSNorm(config.head_dim, eps=1e-5) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(config.head_dim, eps=1e-5) if config.qk_norm else None
+        self.attn_dropout = config.dropout
+        self.resid_dropout = make_dropout(config.dropout)
+        self.manual = False  # explicit softmax(QK^T)V instead of SDPA's fused kernels: the benchmark's baseline
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        hd, kv = self.head_dim, self.n_kv_head
+        q, k, v = self.c_attn(x).split([self.n_head * hd, kv * hd, kv * hd], dim=2)
+        q = q.view(B, T, self.n_head, hd).transpose(1, 2)
+        k = k.view(B, T, kv, hd).transpose(1, 2)
+        v = v.view(B, T, kv, hd).transpose(1, 2)
+        if self.q_norm is not None:  # gains cast to q's dtype: under autocast that keeps the fused kernel
+            q = F.rms_norm(q, (hd,), self.q_norm.weight.to(q.dtype), self.q_norm.eps)
+            k = F.rms_norm(k, (hd,), self.k_norm.weight.to(k.dtype), self.k_norm.eps)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        if kv != self.n_head:  # query head i reads key/value head i // (n_head / n_kv_head)
+            k = k.repeat_interleave(self.n_head // kv, dim=1)
+            v = v.repeat_interleave(self.n_head // kv, dim=1)
+        S = k.size(2)
+        mask = None
+        if T > 1 and S > T:  # new tokens after cached ones: each sees the cache and the new tokens up to itself
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if self.manual or (cache is None and explicit_attention_is_faster(x.device, T)):
+            y = explicit_attention(q, k, v, dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and S == T, dropout_p=dropout_p)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class ReLU2(nn.Module):
+    """relu(x)^2 (So et al. 2021, Primer): sparse like ReLU, smooth at 0; trains faster than GELU per token in the
+    GPT-2 speedrun and nanochat, at the same parameters and FLOPs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
+class TanhGELU(nn.Module):
+    """GPT-2's tanh-approximate GELU; compiled for a CPU, its sigmoid form (gelu_tanh_via_sigmoid)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu_tanh_via_sigmoid(x) if compiling_for_cpu(x.device) else F.gelu(x, approximate="tanh")
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
+        # tanh-GELU is the approximation GPT-2 was trained with
+        self.act = ReLU2() if config.mlp == "relu2" else TanhGELU()
+        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
+        self.dropout = make_dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class SwiGLU(nn.Module):
+    """silu(x W_gate) * (x W_up), projected back: the gate and up matrices are one c_fc matmul, gate first."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 2 * config.mlp_hidden, bias=config.bias)
+        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
+        self.dropout = make_dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.c_fc(x).chunk(2, dim=-1)
+        return self.dropout(self.c_proj(F.silu(gate) * up))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = make_norm(config)
+        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Int8Linear(nn.Module):
+    """Dynamic int8 quantisation of a Linear, for CPU inference: int8 weights with one scale per output row, and each
+    call quantises its input, so the matmul runs in integers (fbgemm) and reads a quarter of the weight bytes. The
+    input gets one scale per call, so a row's result depends slightly on the other rows of the call: one-token
+    decoding steps are unaffected, a batch or a prompt's prefill are not bit-comparable with other batchings."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        w = weight.detach().float().cpu()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized tensors are deprecated, but the int8 CPU kernels take them
+            qweight = torch.quantize_per_channel(w, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0,
+                                                 torch.qint8)
+            self.packed = torch.ops.quantized.linear_prepack(
+                qweight, None if bias is None else bias.detach().float().cpu())
+        self.register_buffer("weight_int8", qweight.int_repr())
+        self.register_buffer("scale", scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.size(-1)).float()
+        # reduce_range: 7-bit inputs, so AVX2's 16-bit pairwise products cannot saturate
+        y = torch.ops.quantized.linear_dynamic(flat, self.packed, True)
+        return y.view(*x.shape[:-1], -1).to(x.dtype)
+
 
 
 class GPT(nn.Module):
@@ -1723,6 +1747,29 @@ def load_checkpoint(path: str) -> dict:
         raise UserError(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
+def find_resume_checkpoint(out_dir: str, resume: str | None) -> tuple[str | None, dict | None]:
+    """The checkpoint to resume from and its contents, or (None, None) for a fresh run, which must not overwrite an
+    earlier run's files. With --resume auto a damaged newest checkpoint (a crash mid-copy, a full disk) is skipped,
+    with a warning, for the newest one that reads."""
+    existing = list_checkpoints(out_dir) if os.path.isdir(out_dir) else []
+    if resume is None:
+        if existing:
+            raise UserError(f"'{out_dir}' already holds checkpoints (newest {os.path.basename(existing[-1])}); "
+                            "pass --resume auto to continue that run, or choose another --out_dir")
+        return None, None
+    if resume != "auto":
+        return resume, load_checkpoint(resume)
+    for path in reversed(existing):
+        try:
+            return path, load_checkpoint(path)
+        except UserError as e:
+            print0(f"warning: {e}; trying the previous checkpoint")
+    if existing:
+        raise UserError(f"none of the {len(existing)} checkpoints in '{out_dir}' can be read; "
+                        "pass --resume PATH to a good copy, or choose another --out_dir")
+    return None, None
+
+
 def model_from_checkpoint(ckpt: dict) -> GPT:
     """The model of loaded checkpoint contents, with the config it was trained with, in eval mode."""
     model = GPT(GPTConfig(**ckpt["config"]))
@@ -1936,22 +1983,6 @@ def export_hf(model: GPT, out_dir: str) -> str:
 # train loop: devices and dtypes, the checks of a run's inputs, then the Trainer, whose methods are the run's parts
 
 
-def is_master() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def print0(*args, **kwargs) -> None:
-    if is_master():
-        print(*args, **kwargs, flush=True)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 def resolve_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -2049,29 +2080,6 @@ def check_args(args: argparse.Namespace, config: GPTConfig, world_size: int) -> 
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise UserError(f"--out_dir '{args.out_dir}' exists and is not a directory; choose another --out_dir")
     return args.total_batch_size // tokens_per_micro_step
-
-
-def find_resume_checkpoint(args: argparse.Namespace) -> tuple[str | None, dict | None]:
-    """The checkpoint to resume from and its contents, or (None, None) for a fresh run, which must not overwrite an
-    earlier run's files. With --resume auto a damaged newest checkpoint (a crash mid-copy, a full disk) is skipped,
-    with a warning, for the newest one that reads."""
-    existing = list_checkpoints(args.out_dir) if os.path.isdir(args.out_dir) else []
-    if args.resume is None:
-        if existing:
-            raise UserError(f"'{args.out_dir}' already holds checkpoints (newest {os.path.basename(existing[-1])}); "
-                            "pass --resume auto to continue that run, or choose another --out_dir")
-        return None, None
-    if args.resume != "auto":
-        return args.resume, load_checkpoint(args.resume)
-    for path in reversed(existing):
-        try:
-            return path, load_checkpoint(path)
-        except UserError as e:
-            print0(f"warning: {e}; trying the previous checkpoint")
-    if existing:
-        raise UserError(f"none of the {len(existing)} checkpoints in '{args.out_dir}' can be read; "
-                        "pass --resume PATH to a good copy, or choose another --out_dir")
-    return None, None
 
 
 def resolve_max_steps(args: argparse.Namespace, train_tokens: int) -> None:
@@ -2271,7 +2279,7 @@ class Trainer:
         args = self.args
         self.device = resolve_device(args.device, self.local_rank)
         self.dtype = resolve_dtype(args.dtype, self.device)
-        resume_path, ckpt = find_resume_checkpoint(args)
+        resume_path, ckpt = find_resume_checkpoint(args.out_dir, args.resume)
         if ckpt is not None and ckpt["args"].get("recipe") and args.recipe is None:
             args.recipe = ckpt["args"]["recipe"]  # a resumed run keeps its recipe, whatever the command line says
             apply_recipe(args)
@@ -2596,7 +2604,7 @@ def train(args: argparse.Namespace) -> None:
 def load_for_inference(args: argparse.Namespace) -> tuple[GPT, str]:
     """The model of --resume (a path, or auto: the newest readable one in --out_dir) or of --init_from."""
     if args.resume is not None:
-        path, ckpt = find_resume_checkpoint(args)
+        path, ckpt = find_resume_checkpoint(args.out_dir, args.resume)
         if ckpt is None:
             raise UserError(f"no checkpoint in '{args.out_dir}'; pass --resume PATH or the --out_dir of a run")
         return model_from_checkpoint(ckpt), path
