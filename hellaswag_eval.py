@@ -57,9 +57,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from train_gpt2 import (GPT2_VOCAB_SIZE, HELLASWAG_BATCH_SIZE, HELLASWAG_FILENAME, UserError, atomic_write,
-                        context_length, evaluate_hellaswag, get_tokenizer, hellaswag_cache_file, read_hellaswag,
-                        resolve_device, resolve_dtype, score_hellaswag)
+from train_gpt2 import (GPT2_VOCAB_SIZE, HELLASWAG_BATCH_SIZE, HELLASWAG_ENDINGS, HELLASWAG_FILENAME, UserError,
+                        atomic_write, context_length, evaluate_hellaswag, get_tokenizer, hellaswag_batches,
+                        hellaswag_cache_file, hellaswag_chars, read_hellaswag, resolve_device, resolve_dtype,
+                        score_hellaswag_batch)
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 TEXTS = ("raw", "lm_eval")  # the text that is scored: the file's ctx and endings as they are, or lm_eval_text's
@@ -161,8 +162,24 @@ def scored_text(examples: Sequence[dict], text: str) -> list[dict]:
     return [lm_eval_text(ex) for ex in examples] if text == "lm_eval" else list(examples)
 
 
+def score_hellaswag(model_fn, examples: list[dict], device="cpu", batch_size: int = HELLASWAG_BATCH_SIZE,
+                    autocast_dtype: torch.dtype | None = None, max_seq_len: int | None = None, tokenize=None,
+                    vocab_size: int | None = GPT2_VOCAB_SIZE) -> dict:
+    """Per-example scores in one process, from the trainer's batches and scoring, as CPU tensors: {"loss_sum": (n, 4),
+    "loss_mean": (n, 4) per token, "loss_per_char": (n, 4) per character of the ending, "label": (n,)}; acc,
+    acc_norm and acc_norm_chars pick the lowest of each row of loss_sum, loss_mean and loss_per_char."""
+    items, batches = hellaswag_batches(model_fn, examples, tokenize, max_seq_len, batch_size)
+    loss_sum = torch.empty(len(items), HELLASWAG_ENDINGS, dtype=torch.float64)
+    loss_mean = torch.empty_like(loss_sum)
+    for batch in batches:
+        loss_sum[batch], loss_mean[batch] = score_hellaswag_batch(model_fn, [items[i] for i in batch], device,
+                                                                  autocast_dtype, vocab_size)
+    return {"loss_sum": loss_sum, "loss_mean": loss_mean, "loss_per_char": loss_sum / hellaswag_chars(items),
+            "label": torch.tensor([it.label for it in items])}
+
+
 def score(model_fn: Callable, examples: Sequence[dict], *args, text: str = "raw", **kwargs) -> dict:
-    """train_gpt2.score_hellaswag (per-example losses) on the text asked for: "raw" or "lm_eval" (lm_eval_text)."""
+    """score_hellaswag (per-example losses) on the text asked for: "raw" or "lm_eval" (lm_eval_text)."""
     return score_hellaswag(model_fn, scored_text(examples, text), *args, **kwargs)
 
 

@@ -11,24 +11,22 @@ One file, read top to bottom:
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import functools
 import glob
-import inspect
 import json
 import math
 import os
 import random
 import re
-import shutil
+import shlex
 import signal
 import sys
-import threading
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -149,6 +147,157 @@ RECIPES: dict[str, dict] = {
 }
 
 
+def flag(default: Any, help: str, **argparse_options) -> Any:
+    """A Settings field that is also the command-line flag --<name>: its default, its help and any argparse options
+    (choices, metavar)."""
+    return field(default=default, metadata={"help": help, **argparse_options})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a training run is told: one field per command-line flag, resolved once (resolve_settings: the
+    recipe's values, the run's length in steps, every check) and never changed afterwards. FIXED_BY_CHECKPOINT
+    names the fields a resumed run must repeat; the rest may change at any restart."""
+
+    # model
+    model: str = flag("gpt2", f"size preset: {', '.join(PRESETS)}")
+    n_layer: int | None = flag(None, "override the preset's number of transformer blocks")
+    n_head: int | None = flag(None, "override the preset's number of attention heads")
+    n_embd: int | None = flag(None, "override the preset's width (residual stream size)")
+    block_size: int | None = flag(None, "override the longest context (1024 in all presets)")
+    norm: str | None = flag(None, "normalisation layer (default layernorm)", choices=["layernorm", "rmsnorm"])
+    pos: str | None = flag(None, "GPT-2's learned positions or rotary embeddings (default learned)",
+                           choices=["learned", "rope"])
+    rope_theta: float | None = flag(None, "RoPE base wavelength (default 10000)")
+    n_kv_head: int | None = flag(None, "key/value heads (grouped-query attention); divides n_head (default n_head)")
+    mlp: str | None = flag(None, "GPT-2's tanh-GELU, SwiGLU, or relu(x)^2 (default gelu)",
+                           choices=["gelu", "swiglu", "relu2"])
+    mlp_hidden: int | None = flag(None, "MLP hidden size (default 4*n_embd; 8/3*n_embd, rounded up to 64, for swiglu)")
+    qk_norm: bool | None = flag(None, "RMSNorm with a learned gain on each head's queries and keys (default off)")
+    embed_norm: bool | None = flag(None, "normalise the token embedding before the first block (default off)")
+    x0_lambdas: bool | None = flag(None, "learned per-layer mix of the token embedding into each block (default off)")
+    zero_init: bool | None = flag(None, "residual output projections (and an untied head) start at zero (default off)")
+    logit_softcap: float | None = flag(None, "cap the logits smoothly to +-C with C*tanh(z/C) (default 0 = off)")
+    bias: bool | None = flag(None, "biases in linear and LayerNorm layers (default on)")
+    untie: bool = flag(False, "give lm_head its own matrix instead of the token embedding's")
+    dropout: float = flag(0.0, "dropout on embeddings, attention and residual branches")
+    init_from: str | None = flag(None, "start from Hugging Face weights (gpt2, ... or a local GPT-2/Llama directory), "
+                                       "architecture included", metavar="NAME_OR_DIR")
+    # data
+    data_dir: str = flag("data/edu_fineweb10B", "folder of *train* and *val* shards (.bin, or .npy)")
+    seq_len: int = flag(1024, "tokens per training sequence (T)")
+    batch_size: int = flag(64, "sequences per micro-batch per rank (B)")
+    total_batch_size: int = flag(524288, "tokens per optimizer step over all ranks; gradient accumulation makes up "
+                                         "the rest")
+    bos_aligned: bool = flag(False, "start every training row at a document's <|endoftext|> (long documents are cut "
+                                    "into row-sized pieces)")
+    shuffle: bool = flag(False, "read the training rows in a permutation seeded by --seed and the epoch")
+    # optimization
+    max_steps: int | None = flag(None, f"optimizer steps; the LR schedule ends here (default {DEFAULT_MAX_STEPS}: "
+                                       "10B tokens at 0.5M a step)")
+    epochs: float | None = flag(None, "set --max_steps from passes over the training tokens instead")
+    recipe: str | None = flag(None, "speedrun: the measured-best architecture, optimizer, schedule and data options "
+                                    "for few tokens; flags given explicitly win", choices=list(RECIPES))
+    optimizer: str = flag("adamw", "muon / normuon: (Nor)Muon on the blocks' matrices, AdamW on the rest",
+                          choices=["adamw", "sgd", "muon", "normuon"])
+    lr: float = flag(6e-4, "peak learning rate of AdamW/SGD (or Muon's AdamW part)")
+    embed_lr: float | None = flag(None, "with muon/normuon: peak AdamW LR of the token embedding (default --lr)")
+    head_lr: float | None = flag(None, "with muon/normuon: peak AdamW LR of an untied lm_head (default --lr)")
+    scalar_lr: float | None = flag(None, "with muon/normuon: peak AdamW LR of gains, biases, scalars (default --lr)")
+    adam_beta1: float = flag(0.9, "AdamW's first-moment decay (beta2 is 0.95)")
+    muon_lr: float = flag(0.02, "peak learning rate of Muon's matrices")
+    muon_momentum: float = flag(0.95, "Muon's (Nesterov) momentum")
+    muon_momentum_warmup: int = flag(0, "steps over which Muon's momentum rises from 0.85 (0 = none)")
+    muon_weight_decay: float = flag(0.0, "Muon's decoupled weight decay on its matrices (cautious with normuon)")
+    normuon_beta2: float = flag(0.95, "NorMuon's decay of each neuron's running mean square update")
+    sgd_momentum: float = flag(0.9, "SGD's Nesterov momentum (0 = plain SGD)")
+    min_lr_ratio: float = flag(0.1, "final learning rate as a fraction of the peak")
+    warmup_steps: int = flag(715, "steps of linear learning-rate warmup")
+    lr_schedule: str = flag("cosine", "after warmup: cosine to the floor, or wsd: flat, then linear down",
+                            choices=["cosine", "wsd"])
+    cooldown_frac: float = flag(0.4, "with --lr_schedule wsd: the fraction of --max_steps the linear decay takes")
+    weight_decay: float = flag(0.1, "AdamW decay on matrices and embeddings")
+    grad_clip: float = flag(1.0, "clip the global gradient norm to this (0 = off)")
+    seed: int = flag(1337, "seed of the init, the shuffle and the samples: runs are repeatable")
+    # system
+    device: str = flag("auto", "auto picks cuda, then mps, then cpu", choices=["auto", "cpu", "cuda", "mps"])
+    dtype: str = flag("auto", "autocast precision; auto = bf16 where native, else fp16 (with a GradScaler) on CUDA",
+                      choices=["auto", "bf16", "fp16", "fp32"])
+    fsdp: bool = flag(False, "under torchrun, shard parameters, gradients and optimizer state over the ranks (FSDP2) "
+                             "instead of replicating them (DDP)")
+    chunked_loss: bool = flag(True, "compute the head and cross-entropy a chunk of positions at a time, never holding "
+                                    "all the fp32 logits (the same loss and gradients)")
+    activation_checkpointing: bool = flag(False, "recompute each block in backward: less memory, ~1/3 more compute")
+    compile: bool | None = flag(None, "torch.compile the model (default: on for CUDA, off otherwise)")
+    peak_tflops: float | None = flag(None, "device peak TFLOP/s for MFU (default: a GPU table, or a CPU matmul probe)")
+    dist_timeout: float = flag(30.0, "minutes a rank waits in a collective before the run fails (torchrun): long "
+                                     "enough for rank 0 to write a big checkpoint")
+    # evaluation and sampling
+    val_every: int = flag(250, "validation loss every N steps (0 = never)")
+    val_tokens: int = flag(10_485_760, "validation tokens: the same sequences whatever the batch or world size")
+    hellaswag_every: int = flag(0, "HellaSwag accuracy every N steps (0 = never)")
+    hellaswag_limit: int | None = flag(None, "evaluate only the first N HellaSwag examples")
+    hellaswag_file: str | None = flag(None, "HellaSwag val jsonl (default: where `hellaswag_eval.py --download` puts "
+                                            "it)")
+    sample_every: int = flag(1000, "print a sample every N steps (0 = never)")
+    prompt: str = flag("Hello, I'm a language model,", "text the samples continue")
+    sample_tokens: int = flag(32, "tokens per sample")
+    top_k: int = flag(50, "sample from the k most likely tokens")
+    tensorboard: bool = flag(False, "also write log.jsonl's records as TensorBoard scalars under OUT_DIR/tensorboard")
+    wandb: str | None = flag(None, "also log log.jsonl's records to this W&B project (WANDB_MODE=offline works)",
+                             metavar="PROJECT")
+    # checkpoints
+    out_dir: str = flag("out", "checkpoints (ckpt_<step>.pt) and log.jsonl go here")
+    save_every: int = flag(1000, "checkpoint every N steps (0 = only the final one)")
+    resume: str | None = flag(None, "'auto': the newest checkpoint in --out_dir (or a fresh start); or a .pt path")
+    keep_last: int = flag(0, "keep only the newest K checkpoints (0 = keep all)")
+    max_bad_steps: int = flag(5, "stop after this many steps in a row with a non-finite loss or gradient norm")
+    stop_at_step: int | None = flag(None, "save and stop after this step, the LR schedule unchanged (time limits)")
+    # not a flag: the flags the command line gave itself, which a recipe leaves alone
+    explicit: tuple[str, ...] = ()
+
+    def micro_steps(self, world_size: int) -> int:
+        """Gradient-accumulation steps per optimizer step."""
+        return self.total_batch_size // (self.batch_size * self.seq_len * world_size)
+
+    def as_flags(self) -> str:
+        """The settings that differ from the defaults, as the command line that gives them (floats exactly)."""
+        parts = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if "help" in f.metadata and value != f.default:
+                parts.append(f"--{'' if value else 'no-'}{f.name}" if isinstance(value, bool) else
+                             f"--{f.name} {shlex.quote(repr(value) if isinstance(value, float) else str(value))}")
+        return " ".join(parts)
+
+
+# The flags --help shows under each heading, from the field that opens it
+FLAG_GROUPS = {"model": "model", "data_dir": "data", "max_steps": "optimization", "device": "system",
+               "val_every": "evaluation and sampling", "out_dir": "checkpoints"}
+# What a checkpoint fixes, which a resumed run must repeat: the model's shape (checked on its GPTConfig, dropout
+# aside) and these; --recipe, left out, comes from the checkpoint. A restart may change everything else: world size,
+# micro-batch, device and dtype, evaluation, and the run's length (a run can be extended).
+FIXED_BY_CHECKPOINT = ("recipe", "optimizer", "lr", "embed_lr", "head_lr", "scalar_lr", "adam_beta1", "muon_lr",
+                       "muon_momentum", "muon_weight_decay", "normuon_beta2", "sgd_momentum", "weight_decay",
+                       "grad_clip", "min_lr_ratio", "lr_schedule", "cooldown_frac", "seq_len", "total_batch_size",
+                       "bos_aligned", "shuffle", "seed")
+
+
+def recipe_values(name: str, values: dict, explicit: tuple[str, ...]) -> dict:
+    """The flags --recipe NAME sets, for those the command line (explicit) leaves out; fractions wait for the run's
+    length (recipe_fractions)."""
+    recipe = RECIPES[name]
+    width = values["n_embd"] or PRESETS.get(values["model"], PRESETS["gpt2"])["n_embd"]
+    return {flag: value * (width / 768) ** -0.5 if flag in recipe["width_scaled"] else value
+            for flag, value in recipe["flags"].items() if flag not in explicit}
+
+
+def recipe_fractions(name: str, max_steps: int, explicit: tuple[str, ...]) -> dict:
+    """The step counts --recipe NAME gives as fractions of the run, for a run of max_steps."""
+    return {flag: round(fraction * max_steps) for flag, fraction in RECIPES[name]["fractions"].items()
+            if flag not in explicit}
+
+
 def model_config(preset: str, **overrides) -> GPTConfig:
     """The GPTConfig of a preset, with every non-None override (any GPTConfig field) applied and checked."""
     if preset not in PRESETS:
@@ -156,15 +305,6 @@ def model_config(preset: str, **overrides) -> GPTConfig:
     config = GPTConfig(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
     check_config(config)
     return config
-
-
-def apply_recipe(args: argparse.Namespace) -> None:
-    """Fill in the flags of --recipe that the command line (args.explicit) leaves out."""
-    recipe = RECIPES[args.recipe]
-    width = args.n_embd or PRESETS.get(args.model, PRESETS["gpt2"])["n_embd"]
-    for flag, value in recipe["flags"].items():
-        if flag not in args.explicit:
-            setattr(args, flag, value * (width / 768) ** -0.5 if flag in recipe["width_scaled"] else value)
 
 
 def check_config(config: GPTConfig) -> None:
@@ -191,9 +331,8 @@ def check_config(config: GPTConfig) -> None:
 
 
 # On a CPU, PyTorch's flash-attention kernel is built for long sequences. Up to this many positions the explicit
-# softmax(QK^T)V is faster once Inductor fuses its mask, softmax and dropout around two batched matmuls (d6, T=256,
-# bf16, forward + backward of one layer: 15 ms against flash's 25 ms); at T=1024 flash is (49 ms against 94 ms),
-# and its memory does not grow with T^2.
+# softmax(QK^T)V is faster once Inductor fuses its mask, softmax and dropout around two batched matmuls; beyond it
+# flash is, and its memory does not grow with T^2 (docs/kernels.md has the timings).
 CPU_EXPLICIT_ATTENTION_MAX_LEN = 512
 
 
@@ -226,8 +365,7 @@ def gelu_tanh_via_sigmoid(x: torch.Tensor) -> torch.Tensor:
 
 
 LOSS_CHUNK_ROWS = 1024  # positions per chunk: 200 MB of fp32 logits at GPT-2's vocabulary, large enough for fast matmuls
-# A CPU has memory to spare and a last-level cache of hundreds of MB: fewer, larger chunks there (d6, bf16: the
-# head + loss 14% faster at 2,048 rows than at 1,024)
+# A CPU has memory to spare and a last-level cache of hundreds of MB: fewer, larger chunks are faster there
 LOSS_CHUNK_ROWS_CPU = 2048
 
 
@@ -247,8 +385,7 @@ def xent_chunk(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor,
                cap: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk's loss, sum(scale * cross-entropy) of softcap(logits) with the padding ids (vocab_size on) at -inf,
     and its gradient w.r.t. the logits, written over `logits` (which the caller drops) in its dtype. Eagerly each op
-    is a pass over memory, so on a CPU the chunk goes SOFTMAX_BLOCK_ROWS rows at a time (d6 eager step, with
-    xent_block's single exponential: 1.83 -> 1.5 s in bf16, 2.57 -> 2.43 s in fp32, against one whole-chunk pass)."""
+    is a pass over memory, so on a CPU the chunk goes SOFTMAX_BLOCK_ROWS rows at a time, each in cache."""
     loss = torch.zeros((), dtype=torch.float32, device=logits.device)
     block = SOFTMAX_BLOCK_ROWS if logits.device.type == "cpu" else logits.size(0)  # a GPU's allocator caches
     for start in range(0, logits.size(0), block):
@@ -286,9 +423,9 @@ def xent_chunk_traced(logits: torch.Tensor, targets: torch.Tensor, scale: torch.
                       cap: float) -> tuple[torch.Tensor, torch.Tensor]:
     """xent_chunk as pure expressions, for torch.compile: Inductor fuses them into one pass that reduces each row
     (max, sum of exponentials, in fp32) and one that writes the gradient in the logits' dtype, where the in-place
-    chain would make it keep the fp32 intermediates (1.2x faster at d6 on a bf16 CPU). The padding mask is a
-    comparison of column indices, not an added bias vector: on a CPU Inductor would fold `mm + bias` into an addmm
-    that first copies the broadcast bias into the whole fp32 output (d6: 0.13 s of a 3 s step)."""
+    chain would make it keep the fp32 intermediates. The padding mask is a comparison of column indices, not an added
+    bias vector: on a CPU Inductor would fold `mm + bias` into an addmm that first copies the broadcast bias into the
+    whole fp32 output."""
     z = logits.float()
     if cap:
         tanh = torch.tanh(z / cap)
@@ -423,7 +560,6 @@ class CausalSelfAttention(nn.Module):
         self.k_norm = nn.RMSNorm(config.head_dim, eps=1e-5) if config.qk_norm else None
         self.attn_dropout = config.dropout
         self.resid_dropout = make_dropout(config.dropout)
-        self.manual = False  # explicit softmax(QK^T)V instead of SDPA's fused kernels: the benchmark's baseline
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -448,7 +584,7 @@ class CausalSelfAttention(nn.Module):
         if T > 1 and S > T:  # new tokens after cached ones: each sees the cache and the new tokens up to itself
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
         dropout_p = self.attn_dropout if self.training else 0.0
-        if self.manual or (cache is None and explicit_attention_is_faster(x.device, T)):
+        if cache is None and explicit_attention_is_faster(x.device, T):
             y = explicit_attention(q, k, v, dropout_p)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and S == T, dropout_p=dropout_p)
@@ -509,33 +645,6 @@ class Block(nn.Module):
                 cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope, cache)
         return x + self.mlp(self.ln_2(x))
-
-
-class Int8Linear(nn.Module):
-    """Dynamic int8 quantisation of a Linear, for CPU inference: int8 weights with one scale per output row, and each
-    call quantises its input, so the matmul runs in integers (fbgemm) and reads a quarter of the weight bytes. The
-    input gets one scale per call, so a row's result depends slightly on the other rows of the call: one-token
-    decoding steps are unaffected, a batch or a prompt's prefill are not bit-comparable with other batchings."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        w = weight.detach().float().cpu()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # quantized tensors are deprecated, but the int8 CPU kernels take them
-            qweight = torch.quantize_per_channel(w, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0,
-                                                 torch.qint8)
-            self.packed = torch.ops.quantized.linear_prepack(
-                qweight, None if bias is None else bias.detach().float().cpu())
-        self.register_buffer("weight_int8", qweight.int_repr())
-        self.register_buffer("scale", scale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.size(-1)).float()
-        # reduce_range: 7-bit inputs, so AVX2's 16-bit pairwise products cannot saturate
-        y = torch.ops.quantized.linear_dynamic(flat, self.packed, True)
-        return y.view(*x.shape[:-1], -1).to(x.dtype)
-
 
 
 class GPT(nn.Module):
@@ -626,7 +735,7 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)
-        if targets is not None and self.chunked_loss and not isinstance(self.lm_head, Int8Linear):
+        if targets is not None and self.chunked_loss:
             with_grad = torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad)
             rows = LOSS_CHUNK_ROWS_CPU if x.device.type == "cpu" else LOSS_CHUNK_ROWS
             loss = ChunkedCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, self.config.vocab_size,
@@ -643,13 +752,9 @@ class GPT(nn.Module):
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the final hidden states, softcapped if the config asks, with the padding ids at -inf."""
         cap = self.config.logit_softcap
-        if isinstance(self.lm_head, Int8Linear):
-            logits = self.lm_head(x)  # the vocabulary mask is its bias unless there is a cap
-        elif cap:
-            logits = F.linear(x, self.lm_head.weight)
-        else:
+        if not cap:  # the mask as the matmul's bias: no separate pass over the logits
             return F.linear(x, self.lm_head.weight, self.vocab_mask)
-        return softcap(logits, cap) + self.vocab_mask if cap else logits
+        return softcap(F.linear(x, self.lm_head.weight), cap) + self.vocab_mask
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = 50,
@@ -673,19 +778,6 @@ class GPT(nn.Module):
             idx = torch.cat([idx, next_token], dim=1)
             new = next_token if use_cache else idx
         return idx
-
-    def int8(self) -> "GPT":
-        """A copy for CPU sampling with every Linear (lm_head included) as dynamic int8 (Int8Linear); embeddings and
-        norms stay as they are."""
-        model = copy.deepcopy(self).eval()
-        for block in model.transformer.h:
-            for parent in (block.attn, block.mlp):
-                for name in ("c_attn", "c_fc", "c_proj"):
-                    if isinstance(getattr(parent, name, None), nn.Linear):
-                        linear = getattr(parent, name)
-                        setattr(parent, name, Int8Linear(linear.weight, linear.bias))
-        model.lm_head = Int8Linear(self.lm_head.weight, None if self.config.logit_softcap else self.vocab_mask)
-        return model
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str, dropout: float = 0.0) -> "GPT":
@@ -829,41 +921,6 @@ def get_tokenizer():
         special_tokens={"<|endoftext|>": EOT_TOKEN},
     )
 
-
-def byte_to_char() -> dict[int, str]:
-    """GPT-2's printable stand-in for each byte, the alphabet of Hugging Face's vocab.json and merges.txt: printable
-    Latin-1 bytes stand for themselves, the other 68 for the characters from U+0100 on (space is 'Ġ')."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
-
-
-@functools.lru_cache(maxsize=1)
-def gpt2_tokenizer_files() -> dict[str, str]:
-    """vocab.json and merges.txt for Hugging Face tokenizers, recovered from the bundled ranks. Every token above the
-    256 bytes was made by one merge: running BPE on its bytes with only the merges ranked before it leaves exactly
-    the two parts that merge was made of."""
-    from tiktoken.load import load_tiktoken_bpe
-
-    ranks = load_tiktoken_bpe(BPE_RANKS_PATH)
-    chars = byte_to_char()
-    show = lambda token: "".join(chars[b] for b in token)  # noqa: E731
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
-        if len(token) == 1:
-            continue
-        parts = [bytes([b]) for b in token]
-        while len(parts) > 2:
-            pair_ranks = [ranks.get(a + b, rank) for a, b in zip(parts, parts[1:])]
-            i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
-            if pair_ranks[i] >= rank:
-                raise ValueError(f"token {rank} cannot be built from earlier merges: {BPE_RANKS_PATH} is not a BPE")
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
-        merges.append(f"{show(parts[0])} {show(parts[1])}")
-    vocab = {show(token): rank for token, rank in ranks.items()}
-    vocab["<|endoftext|>"] = EOT_TOKEN
-    return {"vocab.json": json.dumps(vocab, ensure_ascii=False),
-            "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n"}
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -1054,12 +1111,6 @@ def adamw(params: list[nn.Parameter] | list[dict], lr: float, weight_decay: floa
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
 
 
-def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, device_type: str,
-                        betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW for the whole model; the tied embedding is one Parameter, so parameters() yields it once."""
-    return adamw([p for p in model.parameters() if p.requires_grad], lr, weight_decay, device_type, betas, eps)
-
-
 # Newton-Schulz: one fixed quintic a*X + b*(XX^T)X + c*(XX^T)^2 X, its slope at 0 made as steep as possible (Keller
 # Jordan's Muon, torch.optim.Muon), applied 5 times.
 NEWTON_SCHULZ = [(3.4445, -4.7750, 2.0315)] * 5
@@ -1089,7 +1140,7 @@ def orthogonalize(g: torch.Tensor, coefficients: list[tuple[float, float, float]
     x = x / (x.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-7)
     for a, b, c in coefficients:
         gram = x @ x.mT
-        # a x + (b gram + c gram^2) x as two baddbmm: the scalings ride on the matmuls (20% faster at d6 in bf16)
+        # a x + (b gram + c gram^2) x as two baddbmm: the scalings ride on the matmuls instead of passes of their own
         x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     if tall:
         x = x.mT
@@ -1122,8 +1173,8 @@ class Muon(torch.optim.Optimizer):
                 if p.grad is not None:
                     by_shape.setdefault(p.shape, []).append(p)
             for params in by_shape.values():
-                # One batched iteration per shape (every layer's c_fc at once): 25-30% faster than matrix by matrix
-                # on a CPU at d6, and the same numbers, since each matrix is still normalised and iterated alone
+                # One batched iteration per shape (every layer's c_fc at once): fewer, larger matmuls than matrix by
+                # matrix, and the same numbers, since each matrix is still normalised and iterated alone
                 updates = torch.stack([self._nesterov(p, group["momentum"]) for p in params])
                 updates = orthogonalize(updates, POLAR_EXPRESS if normuon else NEWTON_SCHULZ, self.ortho_dtype)
                 for p, update in zip(params, updates):
@@ -1160,7 +1211,7 @@ class Muon(torch.optim.Optimizer):
         return (scaled * (update.norm() / scaled.norm().clamp(min=1e-10))).to(update.dtype)
 
 
-def adam_groups(params: list[nn.Parameter], model: nn.Module, args: argparse.Namespace) -> list[dict]:
+def adam_groups(params: list[nn.Parameter], model: nn.Module, s: Settings) -> list[dict]:
     """The AdamW part beside Muon: the token embedding (--embed_lr), an untied head (--head_lr) and the vector
     parameters (--scalar_lr) each at their own peak LR when the flag is given, else all at --lr."""
     kinds = {id(model.transformer.wte.weight): "embed_lr"}
@@ -1169,33 +1220,34 @@ def adam_groups(params: list[nn.Parameter], model: nn.Module, args: argparse.Nam
     flag_of = {}
     for p in params:
         flag = kinds.get(id(p), "scalar_lr" if p.dim() < 2 else "lr")
-        flag_of[id(p)] = flag if getattr(args, flag, None) is not None else "lr"
+        flag_of[id(p)] = flag if getattr(s, flag) is not None else "lr"
     groups = []
     for flag in dict.fromkeys(flag_of.values()):  # without the flags: one "lr" bucket, the layout of older runs
-        groups += decay_groups([p for p in params if flag_of[id(p)] == flag], args.weight_decay, flag)
+        groups += decay_groups([p for p in params if flag_of[id(p)] == flag], s.weight_decay, flag)
     for g in groups:
-        g["lr"] = getattr(args, g["lr_flag"])
+        g["lr"] = getattr(s, g["lr_flag"])
     return groups
 
 
-def configure_optimizers(model: nn.Module, name: str, args: argparse.Namespace, device_type: str,
+def configure_optimizers(model: nn.Module, s: Settings, device_type: str,
                          ortho_dtype: torch.dtype = torch.float32) -> list[torch.optim.Optimizer]:
     """The optimisers of --optimizer: adamw or sgd over every parameter, or muon / normuon for the 2-D matrices
     inside the blocks plus AdamW for embeddings, lm_head, norms and biases, which orthogonalised updates do not suit.
     Every group carries lr_flag; the LR schedule multiplies that flag's value."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if name == "adamw":
-        return [adamw(params, args.lr, args.weight_decay, device_type, betas=(args.adam_beta1, 0.95))]
-    if name == "sgd":
-        return [torch.optim.SGD(decay_groups(params, args.weight_decay, "lr"), lr=args.lr, momentum=args.sgd_momentum,
-                                nesterov=args.sgd_momentum > 0)]
+    betas = (s.adam_beta1, 0.95)
+    if s.optimizer == "adamw":
+        return [adamw(params, s.lr, s.weight_decay, device_type, betas=betas)]
+    if s.optimizer == "sgd":
+        return [torch.optim.SGD(decay_groups(params, s.weight_decay, "lr"), lr=s.lr, momentum=s.sgd_momentum,
+                                nesterov=s.sgd_momentum > 0)]
     hidden = [p for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2]
     hidden_ids = {id(p) for p in hidden}
-    muon = Muon([{"params": hidden, "lr_flag": "muon_lr"}], lr=args.muon_lr, momentum=args.muon_momentum,
-                weight_decay=args.muon_weight_decay, normuon=name == "normuon", beta2=args.normuon_beta2,
+    muon = Muon([{"params": hidden, "lr_flag": "muon_lr"}], lr=s.muon_lr, momentum=s.muon_momentum,
+                weight_decay=s.muon_weight_decay, normuon=s.optimizer == "normuon", beta2=s.normuon_beta2,
                 ortho_dtype=ortho_dtype)
-    rest = adam_groups([p for p in params if id(p) not in hidden_ids], model, args)
-    return [muon, adamw(rest, args.lr, args.weight_decay, device_type, betas=(args.adam_beta1, 0.95))]
+    rest = adam_groups([p for p in params if id(p) not in hidden_ids], model, s)
+    return [muon, adamw(rest, s.lr, s.weight_decay, device_type, betas=betas)]
 
 
 def lr_at(step: int, max_lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float,
@@ -1483,22 +1535,6 @@ def hellaswag_chars(items: list[HellaSwagItem]) -> torch.Tensor:
     return torch.tensor([it.chars for it in items], dtype=torch.float64)
 
 
-def score_hellaswag(model_fn, examples: list[dict], device="cpu", batch_size: int = HELLASWAG_BATCH_SIZE,
-                    autocast_dtype: torch.dtype | None = None, max_seq_len: int | None = None, tokenize=None,
-                    vocab_size: int | None = GPT2_VOCAB_SIZE) -> dict:
-    """Per-example scores in one process, CPU tensors: {"loss_sum": (n, 4), "loss_mean": (n, 4) per token,
-    "loss_per_char": (n, 4) per character of the ending, "label": (n,)}; acc, acc_norm and acc_norm_chars pick
-    the lowest of each row of loss_sum, loss_mean and loss_per_char."""
-    items, batches = hellaswag_batches(model_fn, examples, tokenize, max_seq_len, batch_size)
-    loss_sum = torch.empty(len(items), HELLASWAG_ENDINGS, dtype=torch.float64)
-    loss_mean = torch.empty_like(loss_sum)
-    for batch in batches:
-        loss_sum[batch], loss_mean[batch] = score_hellaswag_batch(model_fn, [items[i] for i in batch], device,
-                                                                  autocast_dtype, vocab_size)
-    return {"loss_sum": loss_sum, "loss_mean": loss_mean, "loss_per_char": loss_sum / hellaswag_chars(items),
-            "label": torch.tensor([it.label for it in items])}
-
-
 def evaluate_hellaswag(model_fn, examples: list[dict], device="cpu", batch_size: int = HELLASWAG_BATCH_SIZE,
                        rank: int = 0, world_size: int = 1, autocast_dtype: torch.dtype | None = None,
                        progress: bool = False, max_seq_len: int | None = None, tokenize=None,
@@ -1584,113 +1620,6 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype, override_tflops:
     return None
 
 
-class PeakRSS:
-    """The highest resident set size seen while inside the block, sampled every 2 ms from /proc (a CPU has no
-    allocator statistics, and the process-wide maximum would carry over from earlier runs in the same process)."""
-
-    def __enter__(self) -> "PeakRSS":
-        self.peak, self._stop = self._rss(), threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, self._rss())
-
-    @staticmethod
-    def _rss() -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:  # not Linux: the process-wide maximum is the best there is
-            import resource
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
-def time_training_step(config: GPTConfig, device: torch.device, batch_size: int, seq_len: int, steps: int,
-                       warmup: int, data_dir: str | None = None, tf32: bool = False, bf16: bool = False,
-                       sdpa: bool = True, padded: bool = True, fused: bool = True, compile: bool = False,
-                       chunked: bool = False, optimizer: str = "adamw") -> dict:
-    """Median time of a full training step (forward, backward, clip, optimizer: AdamW, or --optimizer's choice with
-    its default hyperparameters) after `warmup` untimed steps, on synthetic tokens (or data_dir's train shards), with
-    each optimisation switchable; the model FLOP/s it achieves and the peak memory."""
-    if not padded:
-        config = GPTConfig(**{**asdict(config), "padded_vocab_size": config.vocab_size})
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    torch.manual_seed(0)
-    model = GPT(config).to(device)
-    for block in model.transformer.h:
-        block.attn.manual = not sdpa
-    model.chunked_loss = chunked
-    if optimizer == "adamw":
-        optimizers = [adamw(list(model.parameters()), 1e-4, 0.1, device.type, fused=fused)]
-    else:
-        optimizers = configure_optimizers(model, optimizer, parse_args([]), device.type, fast_matmul_dtype(device))
-    forward = torch.compile(model) if compile else model
-    amp_ctx = torch.autocast(device.type, dtype=dtype) if bf16 else nullcontext()
-    loader = ShardLoader(data_dir, "train", batch_size, seq_len) if data_dir else None
-    generator = torch.Generator().manual_seed(0)
-    times = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with PeakRSS() as rss:
-        for i in range(warmup + steps):
-            if loader is not None:
-                x, y = loader.next_batch()
-            else:
-                tokens = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), generator=generator)
-                x, y = tokens[:, :-1], tokens[:, 1:]
-            x, y = x.to(device), y.to(device)
-            t0 = time.perf_counter()
-            with amp_ctx:
-                _, loss = forward(x, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            for opt in optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            synchronize(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    dt = sorted(times)[len(times) // 2]
-    memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak
-    return {"ms": 1000 * dt, "tok_per_s": batch_size * seq_len / dt, "memory": memory, "dtype": dtype,
-            "flops_per_s": flops_per_token(config, seq_len, model.num_params()) * batch_size * seq_len / dt}
-
-
-def time_loader(data_dir: str, batch_size: int, seq_len: int, device: torch.device, batches: int = 200) -> float:
-    """Tokens/s the training loader delivers to the device on its own (memory-mapped shards, one copy to the
-    device), to set beside a step's tokens/s: the loop reads a batch between steps, so the loader costs the step
-    time times step_tok_s / loader_tok_s."""
-    loader = ShardLoader(data_dir, "train", batch_size, seq_len)
-    loader.next_batch()  # first touch of the memory map
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        x, y = loader.next_batch()
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    synchronize(device)
-    return batches * batch_size * seq_len / (time.perf_counter() - t0)
-
-
-def add_mfu(rows: list[dict], device: torch.device, peak_tflops: float | None) -> None:
-    """MFU of each timed row against the peak of its dtype, probed once per dtype on CPU and raised to any row that
-    beats it (a probe on a busy machine can come out low), so every row shares one yardstick and none exceeds 100%."""
-    for dtype in {r["dtype"] for r in rows}:
-        same = [r for r in rows if r["dtype"] == dtype]
-        peak = device_peak_flops(device, dtype, peak_tflops)
-        if peak and device.type == "cpu" and not peak_tflops:
-            peak = max([peak] + [r["flops_per_s"] for r in same])
-        for r in same:
-            r["mfu"] = r["flops_per_s"] / peak if peak else None
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # checkpoints: plain containers only (torch.load(weights_only=True) reads them), written atomically
 
@@ -1770,6 +1699,11 @@ def find_resume_checkpoint(out_dir: str, resume: str | None) -> tuple[str | None
     return None, None
 
 
+def saved_settings_of(ckpt: dict) -> dict:
+    """The Settings a checkpoint was written with, as a dict (older checkpoints kept them under "args")."""
+    return ckpt.get("settings") or ckpt.get("args") or {}
+
+
 def model_from_checkpoint(ckpt: dict) -> GPT:
     """The model of loaded checkpoint contents, with the config it was trained with, in eval mode."""
     model = GPT(GPTConfig(**ckpt["config"]))
@@ -1784,7 +1718,7 @@ def load_checkpoint_model(path: str, device: str = "cpu") -> GPT:
 
 def is_dtensor(t: object) -> bool:
     """Whether t is an FSDP shard. One can exist only once --fsdp has imported torch.distributed.tensor, so no other
-    run pays that import (1.5 s of every start on a 2-core CPU)."""
+    run pays that import (seconds of every start on a small CPU)."""
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(t, module.DTensor)
 
@@ -1820,163 +1754,6 @@ def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict
                       if is_dtensor(p) and torch.is_tensor(v) and v.shape == p.shape else v
                       for k, v in per_param.items()}
     return {**state, "state": sharded}
-
-
-def write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
-    """The safetensors format, written directly (it is an 8-byte little-endian header length, a JSON header of names,
-    dtypes, shapes and byte ranges, then the raw bytes), so exporting needs no extra package. fp32 only."""
-    header, offset = {}, 0
-    for name, t in tensors.items():
-        n_bytes = t.numel() * 4
-        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + n_bytes]}
-        offset += n_bytes
-    header["__metadata__"] = {"format": "pt"}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-    with atomic_write(path) as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for t in tensors.values():
-            f.write(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-
-
-HF_REMOTE_MODULE = "modeling_gpt2_trainer"  # the code file of a custom export
-# Its transformers side: a config that keeps our GPTConfig's fields whole, and a causal-LM wrapper around GPT.
-HF_REMOTE_WRAPPER = """
-class GPTTrainerConfig(PretrainedConfig):
-    model_type = "gpt2_trainer"
-
-    def __init__(self, gpt_config: dict | None = None, **kwargs):
-        self.gpt_config = dict(gpt_config or {})
-        self.num_hidden_layers = self.gpt_config.get("n_layer", 0)  # what generate() sizes its caches by
-        kwargs.setdefault("use_cache", False)  # nothing to cache: each step reruns the window
-        super().__init__(**kwargs)
-
-
-class GPTTrainerForCausalLM(PreTrainedModel, GenerationMixin):
-    \"\"\"GPT under transformers: logits over the real vocabulary (the padding ids cut off), HF's shifted-label loss.
-    No KV cache: generation recomputes the last block_size tokens each step. attention_mask is ignored, which is
-    exact for right padding (a causal model's real positions never see the pads), not for left padding.\"\"\"
-    config_class = GPTTrainerConfig
-    base_model_prefix = "gpt"
-    _no_split_modules = ["Block"]
-
-    def __init__(self, config: GPTTrainerConfig):
-        super().__init__(config)
-        self.gpt = GPT(GPTConfig(**config.gpt_config))
-        self.post_init()
-
-    def _init_weights(self, module):
-        # from_pretrained loads every saved weight but leaves the tables that are not saved empty: compute them
-        if isinstance(module, Rotary):
-            half = module.cos.size(1)
-            fresh = Rotary(2 * half, module.cos.size(0), self.gpt.config.rope_theta)
-            module.cos.copy_(fresh.cos)
-            module.sin.copy_(fresh.sin)
-        elif isinstance(module, GPT):
-            module.vocab_mask.zero_()
-            module.vocab_mask[module.config.vocab_size:] = float("-inf")
-
-    def get_input_embeddings(self):
-        return self.gpt.transformer.wte
-
-    def get_output_embeddings(self):
-        return self.gpt.lm_head
-
-    def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
-        logits, _ = self.gpt(input_ids[:, -self.gpt.config.block_size:])
-        logits = logits[..., :self.config.vocab_size]
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
-
-    def prepare_inputs_for_generation(self, input_ids, **kwargs):
-        return {"input_ids": input_ids}
-"""
-
-
-def hf_remote_code() -> str:
-    """modeling_gpt2_trainer.py of a custom export: this file's config and model code, verbatim (so the export
-    computes what we compute and needs nothing of this repository), then the wrapper."""
-    header = (f'"""GPT from gpt2-trainer\'s train_gpt2.py (config and model sections) as a transformers model, loaded '
-              'with trust_remote_code=True. GPT.from_pretrained belongs to the trainer and does not work here."""\n\n'
-              "from __future__ import annotations\n\nimport copy\nimport math\nfrom dataclasses import dataclass\n\n"
-              "import torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n"
-              "from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel\n"
-              "from transformers.modeling_outputs import CausalLMOutputWithPast\n\n"
-              f"GPT2_VOCAB_SIZE = {GPT2_VOCAB_SIZE}\nLOSS_CHUNK_ROWS = {LOSS_CHUNK_ROWS}\n"
-              f"LOSS_CHUNK_ROWS_CPU = {LOSS_CHUNK_ROWS_CPU}\n"
-              f"CPU_EXPLICIT_ATTENTION_MAX_LEN = {CPU_EXPLICIT_ATTENTION_MAX_LEN}\n"
-              f"SOFTMAX_BLOCK_ROWS = {SOFTMAX_BLOCK_ROWS}\n\n")
-    model_code = [GPTConfig, make_norm, make_dropout, Rotary, apply_rotary, KVCache, compiling_for_cpu,
-                  explicit_attention_is_faster, explicit_attention, CausalSelfAttention, ReLU2, TanhGELU, MLP, SwiGLU, Block, Int8Linear, softcap,
-                  xent_chunk, xent_block, xent_chunk_traced, ChunkedCrossEntropy, GPT]
-    return header + "\n\n".join(inspect.getsource(obj) for obj in model_code) + "\n" + HF_REMOTE_WRAPPER
-
-
-def hf_config(config: GPTConfig) -> dict:
-    """config.json for the Hugging Face layout of `config` (see hf_layout)."""
-    common = {"vocab_size": config.vocab_size, "bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN,
-              "tie_word_embeddings": config.tie_embeddings}
-    if hf_layout(config) == "custom":
-        auto = {"AutoConfig": f"{HF_REMOTE_MODULE}.GPTTrainerConfig",
-                "AutoModelForCausalLM": f"{HF_REMOTE_MODULE}.GPTTrainerForCausalLM"}
-        return {"architectures": ["GPTTrainerForCausalLM"], "model_type": "gpt2_trainer", "auto_map": auto,
-                "gpt_config": asdict(config), "max_position_embeddings": config.block_size, "use_cache": False,
-                **common}
-    if hf_layout(config) == "gpt2":
-        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_positions": config.block_size,
-                "n_ctx": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer,
-                "n_head": config.n_head, "n_inner": config.mlp_hidden, "activation_function": "gelu_new",
-                "layer_norm_epsilon": 1e-5, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, **common}
-    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": config.n_embd,
-            "intermediate_size": config.mlp_hidden, "num_hidden_layers": config.n_layer,
-            "num_attention_heads": config.n_head, "num_key_value_heads": config.n_kv_head,
-            "head_dim": config.head_dim, "max_position_embeddings": config.block_size, "hidden_act": "silu",
-            "rms_norm_eps": 1e-5, "rope_theta": config.rope_theta, "rope_parameters": rope, "rope_scaling": None,
-            "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, **common}
-
-
-def export_hf(model: GPT, out_dir: str) -> str:
-    """Write `model` as a Hugging Face model directory (safetensors weights, config.json, GPT-2 tokenizer files) with
-    the vocabulary cut back to its real size; returns the layout. The directory appears complete or not at all."""
-    layout = hf_layout(model.config)
-    if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and not os.listdir(out_dir)):
-        raise UserError(f"--export_hf '{out_dir}' already exists and is not an empty directory; choose a new one")
-    sd = model.state_dict()
-    if layout == "custom":  # our own names under the wrapper's `gpt`; a tied matrix under both of its names
-        tensors = {f"gpt.{name}": t for name, t in sd.items()}
-    else:
-        tensors = {}
-        for hf_name, name, rows, transposed in hf_weight_map(model.config):
-            w = sd[name] if rows is None else sd[name][rows]
-            tensors[hf_name] = w.t() if transposed else w
-    files = {
-        "config.json": json.dumps(hf_config(model.config), indent=2),
-        **({f"{HF_REMOTE_MODULE}.py": hf_remote_code()} if layout == "custom" else {}),
-        "generation_config.json": json.dumps({"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN}),
-        "tokenizer_config.json": json.dumps({
-            "tokenizer_class": "GPT2Tokenizer", "model_max_length": model.config.block_size,
-            "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-            "add_prefix_space": False}, indent=2),
-        "special_tokens_map.json": json.dumps(
-            {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}),
-        **gpt2_tokenizer_files(),
-    }
-    tmp = f"{os.path.normpath(out_dir)}.tmp{os.getpid()}"
-    os.makedirs(tmp)
-    try:
-        write_safetensors(os.path.join(tmp, "model.safetensors"), tensors)
-        for name, text in files.items():
-            with atomic_write(os.path.join(tmp, name), "w") as f:
-                f.write(text)
-        os.replace(tmp, out_dir)  # a rename: replaces nothing but an empty directory
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-    return layout
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2040,79 +1817,78 @@ def resolve_compile(flag: bool | None, device: torch.device) -> bool:
     return device.type == "cuda" if flag is None else flag
 
 
-def check_args(args: argparse.Namespace, config: GPTConfig, world_size: int) -> int:
-    """Refuse impossible flag combinations before anything is read or written; returns grad-accumulation steps."""
-    if args.seq_len > config.block_size:
-        raise UserError(f"--seq_len {args.seq_len} exceeds the model's block_size {config.block_size}; "
-                        f"lower --seq_len or raise --block_size")
-    if args.epochs is not None and args.max_steps is not None:
+def resolve_settings(flags: dict, explicit: tuple[str, ...] = (), saved: dict | None = None,
+                     world_size: int = 1) -> Settings:
+    """A run's Settings, once and for all, from the parsed flags: the recipe's values where the command line gives
+    none (a resumed run keeps the recipe of its checkpoint's settings, `saved`), the run's length in steps (--epochs
+    reads the size of the train split), and every check that needs neither the model nor the data's contents."""
+    values = dict(flags)
+    recipe = values["recipe"] or (saved or {}).get("recipe")
+    if recipe:
+        values.update(recipe_values(recipe, values, explicit), recipe=recipe)
+    settings = Settings(**values, explicit=explicit)
+    check_settings(settings, world_size)
+    if settings.epochs is not None:
+        train_tokens = len(TokenStream(settings.data_dir, "train"))
+        max_steps = max(1, math.ceil(settings.epochs * train_tokens / settings.total_batch_size))
+        print0(f"--epochs {settings.epochs} of {train_tokens:,} tokens = {max_steps} steps")
+    else:
+        max_steps = settings.max_steps or DEFAULT_MAX_STEPS
+    settings = replace(settings, max_steps=max_steps, **(recipe_fractions(recipe, max_steps, explicit) if recipe else {}))
+    if settings.warmup_steps > settings.max_steps:
+        raise UserError(f"--warmup_steps {settings.warmup_steps} is longer than --max_steps {settings.max_steps}: the "
+                        "learning rate would never reach --lr; lower --warmup_steps")
+    return settings
+
+
+def check_settings(s: Settings, world_size: int) -> None:
+    """Refuse impossible flag combinations before anything is read or written."""
+    if s.epochs is not None and s.max_steps is not None:
         raise UserError("--epochs and --max_steps both set the length of the run; give one of them")
-    if args.epochs is None and args.max_steps is None:
-        args.max_steps = DEFAULT_MAX_STEPS
-    for flag in ("batch_size", "seq_len", "total_batch_size", "max_steps", "max_bad_steps", "epochs"):
-        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            raise UserError(f"--{flag} must be positive, got {getattr(args, flag)}")
+    for flag in ("batch_size", "seq_len", "total_batch_size", "max_steps", "max_bad_steps", "epochs",
+                 "hellaswag_limit"):
+        if getattr(s, flag) is not None and getattr(s, flag) <= 0:
+            raise UserError(f"--{flag} must be positive, got {getattr(s, flag)}")
     for flag in ("val_every", "sample_every", "save_every", "hellaswag_every", "warmup_steps", "keep_last",
                  "muon_momentum_warmup"):
-        if getattr(args, flag) < 0:
-            raise UserError(f"--{flag} must be 0 (off) or positive, got {getattr(args, flag)}")
-    if args.epochs is not None and not math.isfinite(args.epochs):
-        raise UserError(f"--epochs must be a finite number, got {args.epochs}")
+        if getattr(s, flag) < 0:
+            raise UserError(f"--{flag} must be 0 (off) or positive, got {getattr(s, flag)}")
+    if s.epochs is not None and not math.isfinite(s.epochs):
+        raise UserError(f"--epochs must be a finite number, got {s.epochs}")
     for flag in ("sgd_momentum", "muon_momentum", "adam_beta1", "normuon_beta2"):
-        if not 0.0 <= getattr(args, flag) < 1.0:
-            raise UserError(f"--{flag} must be in [0, 1), got {getattr(args, flag)}")
-    if args.hellaswag_limit is not None and args.hellaswag_limit < 1:
-        raise UserError(f"--hellaswag_limit must be positive (or left out for all examples), got {args.hellaswag_limit}")
-    if args.int8 and not args.sample_only:
-        raise UserError("--int8 applies to --sample_only; training runs at full precision")
-    if args.fsdp and world_size < 2:
+        if not 0.0 <= getattr(s, flag) < 1.0:
+            raise UserError(f"--{flag} must be in [0, 1), got {getattr(s, flag)}")
+    if s.fsdp and world_size < 2:
         raise UserError("--fsdp shards the model over ranks: launch with torchrun --nproc_per_node N (N >= 2)")
-    if args.fsdp and args.optimizer in ("muon", "normuon"):
-        raise UserError(f"--optimizer {args.optimizer} orthogonalises whole matrices, which --fsdp splits across "
+    if s.fsdp and s.optimizer in ("muon", "normuon"):
+        raise UserError(f"--optimizer {s.optimizer} orthogonalises whole matrices, which --fsdp splits across "
                         "ranks; use --optimizer adamw or sgd with --fsdp")
-    if args.lr_schedule == "wsd" and not 0.0 < args.cooldown_frac <= 1.0:
-        raise UserError(f"--cooldown_frac must be in (0, 1] with --lr_schedule wsd, got {args.cooldown_frac}")
-    tokens_per_micro_step = args.batch_size * args.seq_len * world_size
-    if args.total_batch_size % tokens_per_micro_step:
-        raise UserError(f"--total_batch_size {args.total_batch_size} is not divisible by batch_size*seq_len*world_size "
-                        f"= {args.batch_size}*{args.seq_len}*{world_size} = {tokens_per_micro_step}; "
+    if s.lr_schedule == "wsd" and not 0.0 < s.cooldown_frac <= 1.0:
+        raise UserError(f"--cooldown_frac must be in (0, 1] with --lr_schedule wsd, got {s.cooldown_frac}")
+    tokens_per_micro_step = s.batch_size * s.seq_len * world_size
+    if s.total_batch_size % tokens_per_micro_step:
+        raise UserError(f"--total_batch_size {s.total_batch_size} is not divisible by batch_size*seq_len*world_size "
+                        f"= {s.batch_size}*{s.seq_len}*{world_size} = {tokens_per_micro_step}; "
                         f"pick a total that is a multiple of it")
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise UserError(f"--out_dir '{args.out_dir}' exists and is not a directory; choose another --out_dir")
-    return args.total_batch_size // tokens_per_micro_step
+    if os.path.exists(s.out_dir) and not os.path.isdir(s.out_dir):
+        raise UserError(f"--out_dir '{s.out_dir}' exists and is not a directory; choose another --out_dir")
 
 
-def resolve_max_steps(args: argparse.Namespace, train_tokens: int) -> None:
-    """--epochs E becomes the steps that read E times the training tokens; then the schedule is checked."""
-    if args.epochs is not None:
-        args.max_steps = max(1, math.ceil(args.epochs * train_tokens / args.total_batch_size))
-        print0(f"--epochs {args.epochs} of {train_tokens:,} tokens = {args.max_steps} steps")
-    if args.recipe:
-        for flag, fraction in RECIPES[args.recipe]["fractions"].items():
-            if flag not in args.explicit:
-                setattr(args, flag, round(fraction * args.max_steps))
-    if args.warmup_steps > args.max_steps:
-        raise UserError(f"--warmup_steps {args.warmup_steps} is longer than --max_steps {args.max_steps}: the learning "
-                        "rate would never reach --lr; lower --warmup_steps")
-
-
-def check_compatible(ckpt: dict, config: GPTConfig, args: argparse.Namespace, path: str) -> None:
-    """A checkpoint resumes only into the same architecture, optimiser and data order; dropout may change."""
+def check_compatible(ckpt: dict, config: GPTConfig, s: Settings, path: str) -> None:
+    """A checkpoint resumes only into the same architecture (dropout may change) and FIXED_BY_CHECKPOINT."""
     saved = GPTConfig(**ckpt["config"])
     diff = ", ".join(f"{f.name} {getattr(saved, f.name)} vs {getattr(config, f.name)}" for f in fields(GPTConfig)
                      if f.name != "dropout" and getattr(saved, f.name) != getattr(config, f.name))
     if diff:
         raise UserError(f"checkpoint '{path}' was trained with a different model ({diff}); "
                         "pass the same --model and architecture flags, or another --out_dir")
-    saved_optimizer = ckpt["args"].get("optimizer", "adamw")
-    if saved_optimizer != args.optimizer:
-        raise UserError(f"checkpoint '{path}' was trained with --optimizer {saved_optimizer}, not {args.optimizer}; "
-                        f"pass --optimizer {saved_optimizer}, or another --out_dir")
-    for flag in ("bos_aligned", "shuffle"):  # the saved loader position counts rows of that order
-        saved = ckpt["args"].get(flag, False)
-        if saved != getattr(args, flag):
-            raise UserError(f"checkpoint '{path}' was trained with{'' if saved else 'out'} --{flag}; pass "
-                            f"--{'' if saved else 'no-'}{flag} to resume it, or another --out_dir")
+    saved_settings = saved_settings_of(ckpt)
+    for name in FIXED_BY_CHECKPOINT:
+        if name in saved_settings and saved_settings[name] != getattr(s, name):
+            was, now = (f"--{'' if v else 'no-'}{name}" if isinstance(v, bool) else f"--{name} {v}"
+                        for v in (saved_settings[name], getattr(s, name)))
+            raise UserError(f"checkpoint '{path}' was trained with {was}, not {now}; pass {was} to resume it, or "
+                            "another --out_dir")
 
 
 def rewrite_log(log_path: str, keep_until_step: int | None) -> None:
@@ -2151,17 +1927,23 @@ ARCH_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "n_kv_head", "norm", 
               "mlp_hidden", "bias", "qk_norm", "embed_norm", "x0_lambdas", "zero_init", "logit_softcap")
 
 
-def model_from_args(args: argparse.Namespace) -> tuple[GPTConfig, GPT | None]:
+def model_from_settings(s: Settings) -> tuple[GPTConfig, GPT | None]:
     """The architecture the flags ask for, or with --init_from the pretrained model's own, and its weights."""
-    arch = {flag: getattr(args, flag) for flag in ARCH_FLAGS}
-    arch["tie_embeddings"] = False if args.untie else None
-    if args.init_from:
+    arch = {flag: getattr(s, flag) for flag in ARCH_FLAGS}
+    arch["tie_embeddings"] = False if s.untie else None
+    pretrained = None
+    if s.init_from:
         given = ["--untie" if k == "tie_embeddings" else f"--{k}" for k, v in arch.items() if v is not None]
         if given:
-            raise UserError(f"--init_from takes the architecture from '{args.init_from}'; drop {' '.join(given)}")
-        pretrained = GPT.from_pretrained(args.init_from, dropout=args.dropout)
-        return pretrained.config, pretrained
-    return model_config(args.model, dropout=args.dropout, **arch), None
+            raise UserError(f"--init_from takes the architecture from '{s.init_from}'; drop {' '.join(given)}")
+        pretrained = GPT.from_pretrained(s.init_from, dropout=s.dropout)
+        config = pretrained.config
+    else:
+        config = model_config(s.model, dropout=s.dropout, **arch)
+    if s.seq_len > config.block_size:
+        raise UserError(f"--seq_len {s.seq_len} exceeds the model's block_size {config.block_size}; "
+                        f"lower --seq_len or raise --block_size")
+    return config, pretrained
 
 
 def fsdp_gather_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
@@ -2202,29 +1984,29 @@ class Trackers:
     Made on rank 0 only. A resumed run logs into the same W&B run (its id is in the checkpoint), and TensorBoard
     hides the events of the steps it redoes, so neither shows a step twice."""
 
-    def __init__(self, args: argparse.Namespace, config: GPTConfig, step: int, wandb_id: str | None):
+    def __init__(self, s: Settings, config: GPTConfig, step: int, wandb_id: str | None):
         self.tensorboard = self.wandb = None
         self.wandb_id = wandb_id
-        settings = {"args": {k: v for k, v in vars(args).items() if k != "explicit"}, "config": asdict(config)}
-        if args.tensorboard:
+        settings = {"settings": asdict(s), "config": asdict(config)}
+        if s.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
             # purge_step: readers drop the old events from this step on, the ones the resumed run writes again;
             # the writer's own thread flushes every few seconds, so a step never waits on the disk
-            self.tensorboard = SummaryWriter(os.path.join(args.out_dir, "tensorboard"),
+            self.tensorboard = SummaryWriter(os.path.join(s.out_dir, "tensorboard"),
                                              purge_step=step + 1 if step else None, flush_secs=10)
             if not step:
                 for name, values in settings.items():
                     self.tensorboard.add_text(name, f"```\n{json.dumps(values, indent=1)}\n```", 0)
-        if args.wandb:
+        if s.wandb:
             try:
                 import wandb
             except ImportError:
                 raise UserError("--wandb needs the wandb package: pip install wandb") from None
             self.wandb_id = wandb_id or os.urandom(6).hex()  # a new run's id; the checkpoint keeps it
-            self.wandb = wandb.init(project=args.wandb, id=self.wandb_id, resume="allow", dir=args.out_dir,
+            self.wandb = wandb.init(project=s.wandb, id=self.wandb_id, resume="allow", dir=s.out_dir,
                                     config=settings)
 
     def log(self, record: dict) -> None:
@@ -2245,16 +2027,20 @@ class Trackers:
 class Trainer:
     """One training run. Its state lives here, and each part of a run is a method, in the order a run uses them:
     setup (inputs checked, processes joined, model and optimisers built, a checkpoint restored, the run described),
-    then per step: train_step() (one optimisation step), evaluate(), log(), save(); run() is the loop around them."""
+    then per step: train_step() (one optimisation step), evaluate(), log(), save(); run() is the loop around them.
 
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
+    `model` is the GPT itself (its weights are saved, sampled and scored on HellaSwag); `compiled` is the same
+    module behind torch.compile where the run compiles (evaluation calls it), and `wrapped` is that behind DDP
+    where there are ranks to synchronise (training calls it). Without compile or DDP they are one object."""
+
+    def __init__(self, settings: Settings, resume_path: str | None = None, ckpt: dict | None = None):
+        self.settings = settings
         self.rank = int(os.environ.get("RANK", "0"))
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.distributed = self.world_size > 1
         self.master = self.rank == 0
-        resume_path, ckpt, pretrained = self.check_inputs()
+        pretrained = self.check_inputs(resume_path, ckpt)
         self.start_processes()
         self.build(pretrained if ckpt is None else None, ckpt["model"] if ckpt is not None else None)
         del pretrained
@@ -2264,43 +2050,37 @@ class Trainer:
         if ckpt is not None:
             self.restore(ckpt, resume_path)
         else:
-            torch.manual_seed(args.seed + self.rank)
+            torch.manual_seed(settings.seed + self.rank)
         self.describe(resumed=ckpt is not None)
-        self.trackers = (Trackers(args, self.config, self.step, ckpt.get("wandb_id") if ckpt else None)
+        self.trackers = (Trackers(settings, self.config, self.step, ckpt.get("wandb_id") if ckpt else None)
                          if self.master else None)
         if ckpt is None and (self.val_stream is not None or self.hellaswag_examples is not None):
             record = {"step": 0, "tokens": 0}
             self.evaluate(record)
             self.log(record)
 
-    def check_inputs(self) -> tuple[str | None, dict | None, GPT | None]:
-        """Everything a user can get wrong, checked before a process group, a file or a model exists; returns the
-        checkpoint to resume (path and contents) and --init_from's model."""
-        args = self.args
-        self.device = resolve_device(args.device, self.local_rank)
-        self.dtype = resolve_dtype(args.dtype, self.device)
-        resume_path, ckpt = find_resume_checkpoint(args.out_dir, args.resume)
-        if ckpt is not None and ckpt["args"].get("recipe") and args.recipe is None:
-            args.recipe = ckpt["args"]["recipe"]  # a resumed run keeps its recipe, whatever the command line says
-            apply_recipe(args)
-        self.config, pretrained = model_from_args(args)
-        self.grad_accum = check_args(args, self.config, self.world_size)
-        self.train_loader = ShardLoader(args.data_dir, "train", args.batch_size, args.seq_len, self.rank,
-                                        self.world_size, self.config.vocab_size, args.bos_aligned, args.shuffle,
-                                        args.seed)
-        resolve_max_steps(args, len(self.train_loader.stream))
-        self.val_stream = TokenStream(args.data_dir, "val", self.config.vocab_size) if args.val_every else None
+    def check_inputs(self, resume_path: str | None, ckpt: dict | None) -> GPT | None:
+        """What the settings alone cannot say is right, checked before a process group, a file or a model exists:
+        the device, the model, the data, HellaSwag's file, the checkpoint's match; returns --init_from's model."""
+        s = self.settings
+        self.device = resolve_device(s.device, self.local_rank)
+        self.dtype = resolve_dtype(s.dtype, self.device)
+        self.config, pretrained = model_from_settings(s)
+        self.grad_accum = s.micro_steps(self.world_size)
+        self.train_loader = ShardLoader(s.data_dir, "train", s.batch_size, s.seq_len, self.rank, self.world_size,
+                                        self.config.vocab_size, s.bos_aligned, s.shuffle, s.seed)
+        self.val_stream = TokenStream(s.data_dir, "val", self.config.vocab_size) if s.val_every else None
         self.hellaswag_examples = None
-        if args.hellaswag_every:
-            path = args.hellaswag_file or hellaswag_cache_file()
-            if not args.hellaswag_file and not os.path.exists(path):
+        if s.hellaswag_every:
+            path = s.hellaswag_file or hellaswag_cache_file()
+            if not s.hellaswag_file and not os.path.exists(path):
                 raise UserError(f"--hellaswag_every reads {path}, which is not there: fetch it once with "
                                 "`python hellaswag_eval.py --download`, or pass --hellaswag_file PATH")
-            self.hellaswag_examples = read_hellaswag(path, args.hellaswag_limit)
+            self.hellaswag_examples = read_hellaswag(path, s.hellaswag_limit)
         if ckpt is not None:
-            check_compatible(ckpt, self.config, args, resume_path)
-        self.use_compile = resolve_compile(args.compile, self.device)
-        return resume_path, ckpt, pretrained
+            check_compatible(ckpt, self.config, s, resume_path)
+        self.use_compile = resolve_compile(s.compile, self.device)
+        return pretrained
 
     def start_processes(self) -> None:
         """The process group under torchrun; TF32 and the autocast context for the chosen dtype."""
@@ -2312,7 +2092,7 @@ class Trainer:
             store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
             dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo", store=store,
                                     rank=self.rank, world_size=self.world_size,
-                                    timeout=datetime.timedelta(minutes=self.args.dist_timeout))
+                                    timeout=datetime.timedelta(minutes=self.settings.dist_timeout))
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 matmuls autocast leaves
             torch.backends.cudnn.allow_tf32 = True
@@ -2322,44 +2102,46 @@ class Trainer:
         """Model and optimisers: identical init on every rank from --seed (or the checkpoint's weights, loaded
         whole, before sharding: every checkpoint has the same layout); then sharded (FSDP), compiled and wrapped
         (DDP) as the flags ask."""
-        args = self.args
-        random.seed(args.seed)
-        np.random.seed(args.seed)
-        torch.manual_seed(args.seed)
+        s = self.settings
+        random.seed(s.seed)
+        np.random.seed(s.seed)
+        torch.manual_seed(s.seed)
         self.model = (pretrained if pretrained is not None else GPT(self.config)).to(self.device)
-        self.model.activation_checkpointing = args.activation_checkpointing
-        self.model.chunked_loss = args.chunked_loss
+        self.model.activation_checkpointing = s.activation_checkpointing
+        self.model.chunked_loss = s.chunked_loss
         if weights is not None:
             self.model.load_state_dict(weights)
-        if args.fsdp:
+        if s.fsdp:
             shard_model(self.model, self.device, self.world_size, self.dtype, compile_blocks=self.use_compile)
-        self.optimizers = configure_optimizers(self.model, args.optimizer, args, self.device.type,
-                                               ortho_dtype=fast_matmul_dtype(self.device))
+        self.optimizers = configure_optimizers(self.model, s, self.device.type, fast_matmul_dtype(self.device))
+        self.lr_flags = {group["lr_flag"] for optimizer in self.optimizers for group in optimizer.param_groups}
         # Under FSDP each rank unscales only its own gradient shards, but DTensor's kernel for the unscale op takes
         # the max of the inf/NaN flag over the ranks, so every rank skips the same steps with the plain scaler
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         # evaluation shares the compiled model; under FSDP the Blocks were compiled one by one as they were sharded
-        self.fast_model = torch.compile(self.model) if self.use_compile and not args.fsdp else self.model
-        self.train_model = self.fast_model
-        if self.distributed and not args.fsdp:
-            self.train_model = nn.parallel.DistributedDataParallel(
-                self.fast_model, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
-        self.tokens_per_step = args.total_batch_size
+        self.compiled = torch.compile(self.model) if self.use_compile and not s.fsdp else self.model
+        self.wrapped = self.compiled
+        if self.distributed and not s.fsdp:
+            # the buffers (vocabulary mask, RoPE tables) are constants every rank computes alike: no broadcast
+            self.wrapped = nn.parallel.DistributedDataParallel(
+                self.compiled, device_ids=[self.local_rank] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
+        self.tokens_per_step = s.total_batch_size
         self.n_params = self.model.num_params()
-        self.flops_per_step = flops_per_token(self.config, args.seq_len, self.n_params) * self.tokens_per_step
-        self.peak_flops = device_peak_flops(self.device, self.dtype, args.peak_tflops) if self.master else None
+        self.flops_per_step = flops_per_token(self.config, s.seq_len, self.n_params) * self.tokens_per_step
+        self.peak_flops = device_peak_flops(self.device, self.dtype, s.peak_tflops) if self.master else None
         # A probed peak is only the best matmul seen at startup, on a machine that may have been busy then; a step
         # that beats it shows the device can do more, so it becomes the peak and MFU stays a fraction of what is
         # possible.
-        self.peak_is_probed = self.device.type == "cpu" and not args.peak_tflops
-        self.log_path = os.path.join(args.out_dir, "log.jsonl")
+        self.peak_is_probed = self.device.type == "cpu" and not s.peak_tflops
+        self.log_path = os.path.join(s.out_dir, "log.jsonl")
 
     def restore(self, ckpt: dict, path: str) -> None:
         """Optimiser and scaler state, data position, step and random state: the run continues exactly."""
-        args = self.args
+        s = self.settings
         saved = ckpt["optimizer"]
         for optimizer, state in zip(self.optimizers, saved if isinstance(saved, list) else [saved]):
-            optimizer.load_state_dict(shard_optimizer_state(state, optimizer) if args.fsdp else state)
+            optimizer.load_state_dict(shard_optimizer_state(state, optimizer) if s.fsdp else state)
         self.scaler.load_state_dict(ckpt["scaler"])
         self.train_loader.load_state_dict(ckpt["loader"])
         self.step = ckpt["step"]
@@ -2367,49 +2149,50 @@ class Trainer:
             set_rng_state(ckpt["rng"][self.rank])
         else:
             print0(f"checkpoint was written by {len(ckpt['rng'])} ranks, this run has {self.world_size}: reseeding")
-            torch.manual_seed(args.seed + 7919 * self.step + self.rank)
+            torch.manual_seed(s.seed + 7919 * self.step + self.rank)
         print0(f"resumed from {path} at step {self.step}")
 
     def describe(self, resumed: bool) -> None:
         """The run's out_dir and log (a resumed run's log loses the steps it redoes), and its startup lines."""
-        args = self.args
+        s = self.settings
         if not self.master:
             return
-        os.makedirs(args.out_dir, exist_ok=True)
+        os.makedirs(s.out_dir, exist_ok=True)
         rewrite_log(self.log_path, self.step if resumed else None)
-        print0(f"model {args.init_from or args.model}: {self.n_params:,} parameters | device {self.device} | "
+        print0(f"model {s.init_from or s.model}: {self.n_params:,} parameters | device {self.device} | "
                f"dtype {str(self.dtype)[6:]} | compile {self.use_compile} | world size {self.world_size}"
-               + (" (FSDP)" if args.fsdp else ""))
+               + (" (FSDP)" if s.fsdp else ""))
+        print0(f"settings: {s.as_flags()}")
         optimizer_names = " + ".join(type(o).__name__ + (" (fused)" if o.defaults.get("fused") else "")
                                      for o in self.optimizers)
-        print0(f"batch {self.tokens_per_step:,} tokens = {args.batch_size} x {args.seq_len} x {self.world_size} "
+        print0(f"batch {self.tokens_per_step:,} tokens = {s.batch_size} x {s.seq_len} x {self.world_size} "
                f"ranks x {self.grad_accum} micro-steps | {len(self.train_loader.stream):,} train tokens | "
                f"{optimizer_names}")
-        if args.recipe:
-            recipe = RECIPES[args.recipe]
-            resolved = " ".join(f"--{flag} {getattr(args, flag):.4g}" if isinstance(getattr(args, flag), float)
-                                else f"--{flag} {getattr(args, flag)}" for flag in [*recipe["flags"], *recipe["fractions"]])
-            given = " ".join(f"--{flag}" for flag in args.explicit if flag in recipe["flags"] or flag in recipe["fractions"])
-            print0(f"recipe {args.recipe}: {resolved}" + (f" (given on the command line: {given})" if given else ""))
+        if s.recipe:
+            recipe = RECIPES[s.recipe]
+            resolved = " ".join(f"--{flag} {getattr(s, flag):.4g}" if isinstance(getattr(s, flag), float)
+                                else f"--{flag} {getattr(s, flag)}" for flag in [*recipe["flags"], *recipe["fractions"]])
+            given = " ".join(f"--{flag}" for flag in s.explicit if flag in recipe["flags"] or flag in recipe["fractions"])
+            print0(f"recipe {s.recipe}: {resolved}" + (f" (given on the command line: {given})" if given else ""))
         loader = self.train_loader
         if loader.rows is not None:
             skipped = loader.skipped_tokens()
-            print0(f"data: {len(loader.rows):,} rows of {args.seq_len + 1} tokens"
-                   + (" starting at document starts" if args.bos_aligned else "")
-                   + (", shuffled every epoch" if args.shuffle else "")
+            print0(f"data: {len(loader.rows):,} rows of {s.seq_len + 1} tokens"
+                   + (" starting at document starts" if s.bos_aligned else "")
+                   + (", shuffled every epoch" if s.shuffle else "")
                    + f"; {skipped:,} train tokens ({100 * skipped / len(loader.stream):.1f}%) skipped")
 
     def set_schedule(self) -> float:
-        """Every group's LR (and Muon's momentum) for the coming step; returns the LR of --lr's groups."""
-        args = self.args
-        scale = lr_at(self.step, 1.0, args.warmup_steps, args.max_steps, args.min_lr_ratio, args.lr_schedule,
-                      args.cooldown_frac)
+        """Every group's LR (and Muon's momentum) for the coming step: its flag's peak LR times the schedule's
+        multiplier, which it returns."""
+        s = self.settings
+        scale = lr_at(self.step, 1.0, s.warmup_steps, s.max_steps, s.min_lr_ratio, s.lr_schedule, s.cooldown_frac)
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
-                group["lr"] = getattr(args, group.get("lr_flag", "lr")) * scale
+                group["lr"] = getattr(s, group.get("lr_flag", "lr")) * scale
                 if isinstance(optimizer, Muon):
-                    group["momentum"] = muon_momentum_at(self.step, args.muon_momentum, args.muon_momentum_warmup)
-        return args.lr * scale
+                    group["momentum"] = muon_momentum_at(self.step, s.muon_momentum, s.muon_momentum_warmup)
+        return scale
 
     def accumulate_gradients(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward and backward over the step's micro-batches; returns their mean loss, on the device, and under
@@ -2420,10 +2203,10 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             # DDP all-reduces gradients once, on the last micro-step. FSDP reduce-scatters after every backward:
             # deferring would hold whole unsharded gradients, the memory it is there to save.
-            sync = not self.distributed or self.args.fsdp or micro_step == self.grad_accum - 1
-            with nullcontext() if sync else self.train_model.no_sync():
+            sync = not self.distributed or self.settings.fsdp or micro_step == self.grad_accum - 1
+            with nullcontext() if sync else self.wrapped.no_sync():
                 with self.amp_ctx:
-                    _, loss = self.train_model(x, y)
+                    _, loss = self.wrapped(x, y)
                 loss = loss / self.grad_accum  # the mean over micro-steps, as one large batch would give
                 loss_sum += loss.detach()
                 self.scaler.scale(loss).backward()
@@ -2439,15 +2222,15 @@ class Trainer:
 
     def train_step(self) -> tuple[float, float, float]:
         """One optimisation step: the schedule, the gradients, clipping, and the update unless the loss or the
-        gradient norm is not finite. Returns the LR, the mean loss and the gradient norm."""
-        args = self.args
-        lr = self.set_schedule()
+        gradient norm is not finite. Returns the schedule's LR multiplier, the mean loss and the gradient norm."""
+        s = self.settings
+        lr_scale = self.set_schedule()
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss_sum, signals = self.accumulate_gradients()
         for optimizer in self.optimizers:
             self.scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip or float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip or float("inf"))
         if is_dtensor(grad_norm):  # FSDP: the norm over every rank's shards
             grad_norm = grad_norm.full_tensor()
         # the step's one host sync: the device runs ahead of Python everywhere else
@@ -2464,37 +2247,40 @@ class Trainer:
             self.bad_steps += 1
             print0(f"step {self.step + 1:5d} | non-finite loss or gradient norm: update skipped "
                    f"({self.bad_steps} in a row)")
-            if self.bad_steps >= args.max_bad_steps:
+            if self.bad_steps >= s.max_bad_steps:
                 raise UserError(f"stopping at step {self.step + 1}: {self.bad_steps} steps in a row had a non-finite "
                                 "loss or gradient norm; lower --lr or resume from an earlier checkpoint")
         self.scaler.update()
         self.step += 1
-        return lr, train_loss, grad_norm
+        return lr_scale, train_loss, grad_norm
 
-    def step_record(self, lr: float, train_loss: float, grad_norm: float, dt: float) -> dict:
-        """The step's log record, and its printed line: loss, LR, gradient norm, time, throughput, MFU."""
+    def step_record(self, lr_scale: float, train_loss: float, grad_norm: float, dt: float) -> dict:
+        """The step's log record, and its printed line: loss, LR, gradient norm, time, throughput, MFU. The LR is
+        --lr's as scheduled where that is the only peak LR in use, else the multiplier every peak LR gets."""
+        s = self.settings
         if self.peak_is_probed and self.peak_flops:
             self.peak_flops = max(self.peak_flops, self.flops_per_step / dt / self.world_size)
         mfu = self.flops_per_step / dt / (self.peak_flops * self.world_size) if self.peak_flops else None
-        record = {"step": self.step, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-                  "tokens": self.step * self.tokens_per_step, "dt_ms": 1000 * dt,
-                  "tok_per_s": self.tokens_per_step / dt, "mfu": mfu}
-        print0(f"step {self.step:5d}/{self.args.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
+        record = {"step": self.step, "train_loss": train_loss, **({"lr": s.lr * lr_scale} if "lr" in self.lr_flags else {}),
+                  "lr_scale": lr_scale, "grad_norm": grad_norm, "tokens": self.step * self.tokens_per_step,
+                  "dt_ms": 1000 * dt, "tok_per_s": self.tokens_per_step / dt, "mfu": mfu}
+        lr = f"lr {s.lr * lr_scale:.2e}" if self.lr_flags == {"lr"} else f"lr x{lr_scale:.3f}"
+        print0(f"step {self.step:5d}/{s.max_steps} | loss {train_loss:.4f} | {lr} | "
                f"norm {grad_norm:.3f} | {1000 * dt:.1f} ms | {record['tok_per_s']:,.0f} tok/s"
                + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""))
         return record
 
     def evaluate(self, record: dict) -> None:
         """Validation loss, HellaSwag and a sample, as the flags ask, into the record; every rank takes part."""
-        args, step = self.args, self.step
-        last = step == args.max_steps
-        self.fast_model.eval()
-        if self.val_stream is not None and (step % args.val_every == 0 or last):
-            val_loss, n_tokens = evaluate_loss(self.fast_model, self.val_stream, args.batch_size, args.seq_len,
-                                               args.val_tokens, self.device, self.amp_ctx, self.rank, self.world_size)
+        s, step = self.settings, self.step
+        last = step == s.max_steps
+        self.compiled.eval()
+        if self.val_stream is not None and (step % s.val_every == 0 or last):
+            val_loss, n_tokens = evaluate_loss(self.compiled, self.val_stream, s.batch_size, s.seq_len,
+                                               s.val_tokens, self.device, self.amp_ctx, self.rank, self.world_size)
             record["val_loss"] = val_loss
             print0(f"step {step:5d} | val loss {val_loss:.4f} over {n_tokens:,} tokens")
-        if self.hellaswag_examples is not None and (step % args.hellaswag_every == 0 or last):
+        if self.hellaswag_examples is not None and (step % s.hellaswag_every == 0 or last):
             # eager model: the ragged HellaSwag batches would make a compiled graph recompile for every shape
             result = evaluate_hellaswag(self.model, self.hellaswag_examples, self.device, rank=self.rank,
                                         world_size=self.world_size, autocast_dtype=self.dtype)
@@ -2502,9 +2288,9 @@ class Trainer:
             record["hellaswag_acc_norm_chars"] = result["acc_norm_chars"]  # per character, as lm-eval does
             print0(f"step {step:5d} | hellaswag acc_norm {result['acc_norm']:.4f} "
                    f"acc_norm_chars {result['acc_norm_chars']:.4f} over {result['n']} examples")
-        self.fast_model.train()
-        if args.sample_every and step > 0 and (step % args.sample_every == 0 or last):
-            text = sample_text(self.model, args.prompt, args.sample_tokens, args.top_k, args.seed + self.rank,
+        self.compiled.train()
+        if s.sample_every and step > 0 and (step % s.sample_every == 0 or last):
+            text = sample_text(self.model, s.prompt, s.sample_tokens, s.top_k, s.seed + self.rank,
                                self.device, self.amp_ctx)
             print0(f"step {step:5d} | sample: {text!r}")
 
@@ -2517,7 +2303,7 @@ class Trainer:
 
     def checkpoint(self) -> dict | None:
         """Everything a resume needs, gathered to rank 0 (None on the other ranks); refuses non-finite weights."""
-        args = self.args
+        s = self.settings
         rngs = [None] * self.world_size
         if self.distributed:
             dist.all_gather_object(rngs, rng_state())
@@ -2525,20 +2311,20 @@ class Trainer:
             rngs = [rng_state()]
         finite = torch.tensor(float(all(torch.isfinite(p.to_local() if is_dtensor(p) else p).all()
                                         for p in self.model.parameters())), device=self.device)
-        if args.fsdp:  # each rank sees only its own shards
+        if s.fsdp:  # each rank sees only its own shards
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not finite.item():
             raise UserError(f"refusing to save step {self.step}: the weights are not finite; "
                             "resume from an earlier checkpoint")
-        model_state = self.model.state_dict(keep_vars=args.fsdp)
+        model_state = self.model.state_dict(keep_vars=s.fsdp)
         optimizer_states = [o.state_dict() for o in self.optimizers]
-        if args.fsdp:
+        if s.fsdp:
             model_state, optimizer_states = gather_sharded([model_state, optimizer_states], keep=self.master)
         if not self.master:
             return None
         return {"model": model_state, "optimizer": optimizer_states, "scaler": self.scaler.state_dict(),
                 "step": self.step, "loader": self.train_loader.state_dict(), "rng": rngs,
-                "config": asdict(self.config), "args": vars(args), "wandb_id": self.trackers.wandb_id}
+                "config": asdict(self.config), "settings": asdict(s), "wandb_id": self.trackers.wandb_id}
 
     def save(self) -> None:
         """The checkpoint of this step, written atomically and read back before it takes its name; then the oldest
@@ -2546,7 +2332,7 @@ class Trainer:
         state = self.checkpoint()
         if state is None:
             return
-        path = checkpoint_path(self.args.out_dir, self.step)
+        path = checkpoint_path(self.settings.out_dir, self.step)
         # read back before the rename (memory-mapped, so cheap): an unreadable file never replaces a good one
         verify = lambda tmp: torch.load(tmp, map_location="cpu", weights_only=True, mmap=True)  # noqa: E731
         try:
@@ -2556,29 +2342,29 @@ class Trainer:
             raise UserError(f"could not write {path} ({e.strerror or e}); the earlier checkpoints are intact: "
                             "free some space, then continue with --resume auto") from None
         print0(f"step {self.step:5d} | saved {path}")
-        if self.args.keep_last:
-            for old in list_checkpoints(self.args.out_dir)[:-self.args.keep_last]:
+        if self.settings.keep_last:
+            for old in list_checkpoints(self.settings.out_dir)[:-self.settings.keep_last]:
                 os.remove(old)
 
     def run(self) -> None:
         """Steps until --max_steps (or --stop_at_step, or a signal), each evaluated, logged and checkpointed as the
         flags ask. A step's time runs from the end of the one before, less what that one spent on evaluation,
         logging and checkpoints."""
-        args = self.args
-        stop_at = min(args.max_steps, args.stop_at_step or args.max_steps)
+        s = self.settings
+        stop_at = min(s.max_steps, s.stop_at_step or s.max_steps)
         preempted = self.preempted = PreemptionFlag()
         try:
             t_last = time.perf_counter()
             while self.step < stop_at:
-                lr, train_loss, grad_norm = self.train_step()
+                lr_scale, train_loss, grad_norm = self.train_step()
                 t_sync = time.perf_counter()
                 dt, t_last = t_sync - t_last, t_sync
-                record = self.step_record(lr, train_loss, grad_norm, dt)
+                record = self.step_record(lr_scale, train_loss, grad_norm, dt)
                 self.evaluate(record)
                 self.log(record)
                 # one process reads its own flag; ranks go by what the step's all-reduce said of all of them
                 stop_now = self.any_rank_signalled if self.distributed else preempted.noted
-                if (args.save_every and self.step % args.save_every == 0) or self.step == stop_at or stop_now:
+                if (s.save_every and self.step % s.save_every == 0) or self.step == stop_at or stop_now:
                     self.save()
                 t_last += time.perf_counter() - t_sync  # evaluation and checkpoints are not the next step's time
                 if stop_now:
@@ -2593,341 +2379,57 @@ class Trainer:
             dist.destroy_process_group()
 
 
-def train(args: argparse.Namespace) -> None:
-    Trainer(args).run()
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# CLI: the commands besides training (export, sampling, benchmark), then the flags
+# CLI: the flags of Settings, and main
 
 
-def load_for_inference(args: argparse.Namespace) -> tuple[GPT, str]:
-    """The model of --resume (a path, or auto: the newest readable one in --out_dir) or of --init_from."""
-    if args.resume is not None:
-        path, ckpt = find_resume_checkpoint(args.out_dir, args.resume)
-        if ckpt is None:
-            raise UserError(f"no checkpoint in '{args.out_dir}'; pass --resume PATH or the --out_dir of a run")
-        return model_from_checkpoint(ckpt), path
-    if args.init_from:
-        return GPT.from_pretrained(args.init_from).eval(), args.init_from
-    raise UserError("which model? pass --resume CKPT (or --resume auto with --out_dir) or --init_from NAME_OR_DIR")
-
-
-def export_command(args: argparse.Namespace) -> None:
-    if args.resume is None:
-        raise UserError("--export_hf needs the checkpoint to export: --resume CKPT, or --resume auto with --out_dir")
-    model, path = load_for_inference(args)
-    layout = export_hf(model, args.export_hf)
-    print(f"exported {path} as a Hugging Face {layout} model to {args.export_hf}")
-
-
-def sample_command(args: argparse.Namespace) -> None:
-    """A timed sample; with --int8, the same from an int8 copy (GPT.int8), its speed-up and its validation loss."""
-    device = resolve_device(args.device, 0)
-    dtype = resolve_dtype(args.dtype, device)
-    if args.int8 and device.type != "cpu":
-        raise UserError("--int8 sampling uses a CPU kernel; add --device cpu")
-    val_stream = None
-    if args.int8:
-        try:
-            val_stream = TokenStream(args.data_dir, "val")
-        except UserError as e:
-            print(f"no validation loss for the int8 comparison: {e}")
-    model, source = load_for_inference(args)
-    variants = [("full", model.to(device))] + ([("int8", model.int8())] if args.int8 else [])
-    amp_ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    prompt = torch.tensor([get_tokenizer().encode_ordinary(args.prompt)], dtype=torch.long, device=device)
-    speeds, losses = {}, {}
-    for name, m in variants:
-        generator = torch.Generator(device=device).manual_seed(args.seed)
-        with amp_ctx:
-            m.generate(prompt, 2, top_k=args.top_k)  # warm-up: first-call allocation and kernel selection
-            t0 = time.perf_counter()
-            out = m.generate(prompt, args.sample_tokens, top_k=args.top_k, generator=generator)
-            synchronize(device)
-            speeds[name] = args.sample_tokens / (time.perf_counter() - t0)
-        print(f"{name} ({source}): {speeds[name]:.1f} tok/s | {get_tokenizer().decode(out[0].tolist())!r}")
-        if val_stream is not None:
-            seq_len = min(args.seq_len, model.config.block_size)
-            loss, n = evaluate_loss(m, val_stream, args.batch_size, seq_len, args.val_tokens, device, amp_ctx)
-            print(f"{name}: val loss {loss:.4f} over {n:,} tokens")
-            losses[name] = loss
-    if args.int8:
-        change = f", val loss {losses['int8'] - losses['full']:+.4f}" if losses else ""
-        print(f"int8 vs full: {speeds['int8'] / speeds['full']:.2f}x tokens/s{change}")
-
-
-# One row per optimisation, each keeping those above it; the first row is a straightforward implementation
-LADDER = [
-    ("fp32 eager, manual attention, vocab 50257, for-loop AdamW", {}),
-    ("+ TF32 matmuls", {"tf32": True}),
-    ("+ bf16 autocast", {"bf16": True}),
-    ("+ SDPA (flash) attention", {"sdpa": True}),
-    ("+ vocab padded to 50304", {"padded": True}),
-    ("+ fused AdamW", {"fused": True}),
-    ("+ torch.compile", {"compile": True}),
-    ("+ chunked linear + cross-entropy", {"chunked": True}),
-]
-
-
-def ladder_skip_reason(settings: dict, device: torch.device) -> str | None:
-    if settings.get("tf32") and device.type != "cuda":
-        return "TF32 is a CUDA tensor-core mode"
-    if settings.get("bf16") and not native_bf16(device):
-        return f"this {device.type} has no native bf16 (emulated, far slower than fp32): the rows below stay fp32"
-    return None
-
-
-def benchmark_command(args: argparse.Namespace) -> None:
-    """--benchmark: time this run's training step; --benchmark ladder: time it with each optimisation added in turn."""
-    device = resolve_device(args.device, 0)
-    config, _ = model_from_args(args)
-    if args.seq_len > config.block_size:
-        raise UserError(f"--seq_len {args.seq_len} exceeds the model's block_size {config.block_size}")
-    data_dir = args.data_dir if args.benchmark_data == "real" else None
-    common = dict(batch_size=args.batch_size, seq_len=args.seq_len, steps=args.benchmark_steps,
-                  warmup=args.benchmark_warmup, data_dir=data_dir)
-    print(f"benchmark: {args.init_from or args.model}, B={args.batch_size}, T={args.seq_len}, device {device}, "
-          f"{args.benchmark_warmup} warm-up + {args.benchmark_steps} timed steps, "
-          f"{'train shards' if data_dir else 'synthetic tokens'}", flush=True)
-    if args.benchmark == "step":
-        dtype = resolve_dtype(args.dtype, device)
-        use_compile = resolve_compile(args.compile, device)
-        r = time_training_step(config, device, tf32=device.type == "cuda", bf16=dtype == torch.bfloat16,
-                               compile=use_compile, chunked=args.chunked_loss, optimizer=args.optimizer, **common)
-        add_mfu([r], device, args.peak_tflops)
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"{r['ms']:.1f} ms/step | {r['tok_per_s']:,.0f} tok/s | MFU {mfu} | peak memory {r['memory'] / 2**30:.2f} GiB")
-        print_loader_speed(args, device, r["tok_per_s"])
-        return
-    settings, rows = {"sdpa": False, "padded": False, "fused": False}, []
-    for name, change in LADDER:
-        reason = ladder_skip_reason(change, device)
-        if reason is None:
-            settings.update(change)
-            print(f"timing: {name}", flush=True)
-            rows.append({"name": name, **time_training_step(config, device, **settings, **common)})
-        else:
-            rows.append({"name": name, "skipped": reason})
-    timed = [r for r in rows if "skipped" not in r]
-    add_mfu(timed, device, args.peak_tflops)
-    print("| step | ms/step | tok/s | MFU | peak memory | vs previous | vs first |")
-    print("|---|---|---|---|---|---|---|")
-    previous = timed[0]
-    for r in rows:
-        if "skipped" in r:
-            print(f"| {r['name']} | skipped: {r['skipped']} | | | | | |")
+def build_parser(description: str = "Pretrain GPT-2 on uint16 token shards (one CPU, one GPU, or torchrun).",
+                 names: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+    """The command line of Settings: a flag per field (or per field in `names`, for a helper script that shares
+    some), typed from its annotation, grouped under FLAG_GROUPS."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    group = p
+    for f in fields(Settings):
+        if "help" not in f.metadata or (names is not None and f.name not in names):
             continue
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"| {r['name']} | {r['ms']:.1f} | {r['tok_per_s']:,.0f} | {mfu} | {r['memory'] / 2**30:.2f} GiB | "
-              f"{r['tok_per_s'] / previous['tok_per_s']:.2f}x | {r['tok_per_s'] / timed[0]['tok_per_s']:.2f}x |")
-        previous = r
-    print_loader_speed(args, device, max(r["tok_per_s"] for r in timed))
+        group = p.add_argument_group(FLAG_GROUPS[f.name]) if f.name in FLAG_GROUPS and names is None else group
+        options = dict(f.metadata)
+        kind = f.type.replace(" | None", "")
+        if kind == "bool":
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["type"] = {"int": int, "float": float, "str": str}[kind]
+        group.add_argument(f"--{f.name}", default=f.default, **options)
+    return p
 
 
-def print_loader_speed(args: argparse.Namespace, device: torch.device, step_tok_per_s: float) -> None:
-    try:
-        loader_tok_per_s = time_loader(args.data_dir, args.batch_size, args.seq_len, device)
-    except UserError as e:
-        print(f"loader: not timed ({e})")
-        return
-    print(f"loader: {loader_tok_per_s:,.0f} tok/s from {args.data_dir} vs {step_tok_per_s:,.0f} tok/s for the fastest "
-          f"step above ({loader_tok_per_s / step_tok_per_s:,.0f}x): reading batches takes "
-          f"{100 * step_tok_per_s / loader_tok_per_s:.2f}% of a step")
+def parse_flags(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None,
+                ) -> tuple[dict, tuple[str, ...]]:
+    """The flags' values (defaults filled in) and the names of those the command line gave itself."""
+    parser = parser or build_parser()
+    # every flag starts out as a marker, which argparse leaves wherever the command line says nothing
+    unset = object()
+    given = vars(parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions})))
+    given.pop("help", None)
+    values = {name: parser.get_default(name) if value is unset else value for name, value in given.items()}
+    return values, tuple(sorted(name for name, value in given.items() if value is not unset))
 
 
-def model_flags(p: argparse.ArgumentParser) -> None:
-    """The architecture: a size preset and what may override it, or --init_from's pretrained model."""
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="gpt2", help=f"size preset: {', '.join(PRESETS)}")
-    g.add_argument("--n_layer", type=int, default=None, help="override the preset's number of transformer blocks")
-    g.add_argument("--n_head", type=int, default=None, help="override the preset's number of attention heads")
-    g.add_argument("--n_embd", type=int, default=None, help="override the preset's width (residual stream size)")
-    g.add_argument("--block_size", type=int, default=None, help="override the longest context (1024 in all presets)")
-    g.add_argument("--norm", choices=["layernorm", "rmsnorm"], default=None, help="normalisation layer (default layernorm)")
-    g.add_argument("--pos", choices=["learned", "rope"], default=None,
-                   help="position encoding: GPT-2's learned table or rotary embeddings (default learned)")
-    g.add_argument("--rope_theta", type=float, default=None, help="RoPE base wavelength (default 10000)")
-    g.add_argument("--n_kv_head", type=int, default=None,
-                   help="key/value heads for grouped-query attention; must divide n_head, 1 = multi-query "
-                        "(default n_head)")
-    g.add_argument("--mlp", choices=["gelu", "swiglu", "relu2"], default=None,
-                   help="MLP type: GPT-2's tanh-GELU, SwiGLU, or relu(x)^2 (default gelu)")
-    g.add_argument("--mlp_hidden", type=int, default=None,
-                   help="MLP hidden size (default 4*n_embd for gelu and relu2, 8/3*n_embd rounded up to 64 for swiglu)")
-    g.add_argument("--qk_norm", action=argparse.BooleanOptionalAction, default=None,
-                   help="RMSNorm with a learned gain on each head's queries and keys (default off)")
-    g.add_argument("--embed_norm", action=argparse.BooleanOptionalAction, default=None,
-                   help="normalise the token embedding (with --norm's layer) before the first block (default off)")
-    g.add_argument("--x0_lambdas", action=argparse.BooleanOptionalAction, default=None,
-                   help="learned per-layer scalars mixing the token embedding back into each block's input "
-                        "(default off)")
-    g.add_argument("--zero_init", action=argparse.BooleanOptionalAction, default=None,
-                   help="initialise the residual output projections (and an untied lm_head) to zero (default off)")
-    g.add_argument("--logit_softcap", type=float, default=None,
-                   help="cap the logits smoothly to +-C with C*tanh(z/C), in training, evaluation and sampling "
-                        "(default 0 = off)")
-    g.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None,
-                   help="biases in linear and LayerNorm layers (default on)")
-    g.add_argument("--untie", action=argparse.BooleanOptionalAction, default=False,
-                   help="give lm_head its own matrix instead of the token embedding's")
-    g.add_argument("--dropout", type=float, default=0.0, help="dropout on embeddings, attention and residual branches")
-    g.add_argument("--init_from", default=None, metavar="NAME_OR_DIR",
-                   help="start from Hugging Face weights (gpt2, gpt2-medium, ... or a local GPT-2/Llama directory); "
-                        "the architecture comes from there")
+def parse_settings(argv: list[str] | None = None, world_size: int = 1) -> Settings:
+    """The Settings of a fresh run's command line."""
+    return resolve_settings(*parse_flags(argv), world_size=world_size)
 
 
-def data_flags(p: argparse.ArgumentParser) -> None:
-    """The token shards and how a batch is read from them."""
-    g = p.add_argument_group("data")
-    g.add_argument("--data_dir", default="data/edu_fineweb10B",
-                   help="folder of *train* and *val* shards (.bin from prepare_fineweb.py or llm.c, or .npy)")
-    g.add_argument("--seq_len", type=int, default=1024, help="tokens per training sequence (T)")
-    g.add_argument("--batch_size", type=int, default=64, help="sequences per micro-batch per rank (B)")
-    g.add_argument("--total_batch_size", type=int, default=524288,
-                   help="tokens per optimizer step over all ranks; grad accumulation makes up the rest")
-    g.add_argument("--bos_aligned", action=argparse.BooleanOptionalAction, default=False,
-                   help="start every training row at a document's <|endoftext|> (documents longer than a row are cut "
-                        "into row-sized pieces); the startup line says how many tokens that skips")
-    g.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=False,
-                   help="read the training rows in a permutation seeded by --seed and the epoch, not in file order")
+def train(flags: dict, explicit: tuple[str, ...]) -> None:
+    """A training run from its parsed command line: the checkpoint to resume (whose settings the run is checked
+    against), the settings resolved, then the Trainer."""
+    resume_path, ckpt = find_resume_checkpoint(flags["out_dir"], flags["resume"])
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    settings = resolve_settings(flags, explicit, saved_settings_of(ckpt) if ckpt else None, world_size)
+    Trainer(settings, resume_path, ckpt).run()
 
 
-def optimization_flags(p: argparse.ArgumentParser) -> None:
-    """Length of the run, optimisers, learning rates and their schedule."""
-    g = p.add_argument_group("optimization")
-    g.add_argument("--max_steps", type=int, default=None,
-                   help=f"optimizer steps; the LR schedule ends here (default {DEFAULT_MAX_STEPS}: 10B tokens at 0.5M a step)")
-    g.add_argument("--epochs", type=float, default=None,
-                   help="set --max_steps from passes over the training tokens instead (fractions allowed)")
-    g.add_argument("--recipe", choices=list(RECIPES), default=None,
-                   help="speedrun: the measured-best architecture, optimizer, schedule and data options for few "
-                        "tokens (see the README); any flag given explicitly wins")
-    g.add_argument("--optimizer", choices=["adamw", "sgd", "muon", "normuon"], default="adamw",
-                   help="muon / normuon: Muon / NorMuon on the blocks' matrices (at --muon_lr), AdamW on the rest")
-    g.add_argument("--lr", type=float, default=6e-4, help="peak learning rate of AdamW/SGD (or Muon's AdamW part)")
-    g.add_argument("--embed_lr", type=float, default=None,
-                   help="with muon/normuon: peak AdamW LR of the token embedding (default --lr)")
-    g.add_argument("--head_lr", type=float, default=None,
-                   help="with muon/normuon: peak AdamW LR of an untied lm_head (default --lr)")
-    g.add_argument("--scalar_lr", type=float, default=None,
-                   help="with muon/normuon: peak AdamW LR of norm gains, biases and residual scalars (default --lr)")
-    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW's first-moment decay (beta2 is 0.95)")
-    g.add_argument("--muon_lr", type=float, default=0.02, help="peak learning rate of Muon's matrices")
-    g.add_argument("--muon_momentum", type=float, default=0.95, help="Muon's (Nesterov) momentum")
-    g.add_argument("--muon_momentum_warmup", type=int, default=0,
-                   help="steps over which Muon's momentum rises from 0.85 to --muon_momentum (0 = none)")
-    g.add_argument("--muon_weight_decay", type=float, default=0.0,
-                   help="Muon's decoupled weight decay on its matrices (cautious with normuon)")
-    g.add_argument("--normuon_beta2", type=float, default=0.95,
-                   help="NorMuon's decay of each neuron's running mean square update")
-    g.add_argument("--sgd_momentum", type=float, default=0.9, help="SGD's Nesterov momentum (0 = plain SGD)")
-    g.add_argument("--min_lr_ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
-    g.add_argument("--warmup_steps", type=int, default=715, help="steps of linear learning-rate warmup")
-    g.add_argument("--lr_schedule", choices=["cosine", "wsd"], default="cosine",
-                   help="after warmup: cosine to the floor, or wsd: flat, then linear down over --cooldown_frac")
-    g.add_argument("--cooldown_frac", type=float, default=0.4,
-                   help="with --lr_schedule wsd: the fraction of --max_steps the final linear decay takes")
-    g.add_argument("--weight_decay", type=float, default=0.1, help="AdamW decay on matrices and embeddings")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this (0 = off)")
-    g.add_argument("--seed", type=int, default=1337, help="seed for init, data order is fixed; runs are repeatable")
-
-
-def system_flags(p: argparse.ArgumentParser) -> None:
-    """Device, precision, parallelism and the speed/memory switches."""
-    g = p.add_argument_group("system")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="auto picks cuda, then mps, then cpu")
-    g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="autocast precision; auto = bf16 where supported, else fp16 with a GradScaler on CUDA")
-    g.add_argument("--fsdp", action="store_true",
-                   help="under torchrun, shard parameters, gradients and optimizer state over the ranks (FSDP2) "
-                        "instead of replicating them (DDP): for models whose AdamW state does not fit one device")
-    g.add_argument("--chunked_loss", action=argparse.BooleanOptionalAction, default=True,
-                   help="compute the head and cross-entropy 1024 positions at a time (2048 on a CPU), never holding "
-                        "all the fp32 logits (same loss and gradients, far less memory at large batch x vocabulary)")
-    g.add_argument("--activation_checkpointing", action="store_true",
-                   help="recompute each block's activations in backward: less memory for ~1/3 more compute")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on for CUDA, off otherwise)")
-    g.add_argument("--peak_tflops", type=float, default=None,
-                   help="device peak TFLOP/s for MFU (default: a GPU table, or a matmul probe on CPU)")
-    g.add_argument("--dist_timeout", type=float, default=30.0,
-                   help="minutes a rank waits in a collective before the run fails, under torchrun. The other ranks "
-                        "wait while rank 0 writes a checkpoint: gpt2-xl's is 19 GB with AdamW state, minutes on a "
-                        "network file system, where NCCL's default would be 10")
-
-
-def evaluation_flags(p: argparse.ArgumentParser) -> None:
-    """Validation loss, HellaSwag, samples and experiment tracking during training."""
-    g = p.add_argument_group("evaluation and sampling")
-    g.add_argument("--val_every", type=int, default=250, help="validation loss every N steps (0 = never)")
-    g.add_argument("--val_tokens", type=int, default=10_485_760,
-                   help="validation budget in tokens: the same sequences whatever the batch or world size")
-    g.add_argument("--hellaswag_every", type=int, default=0, help="HellaSwag accuracy every N steps (0 = never)")
-    g.add_argument("--hellaswag_limit", type=int, default=None, help="evaluate only the first N HellaSwag examples")
-    g.add_argument("--hellaswag_file", default=None,
-                   help="local HellaSwag val jsonl (default: the copy `hellaswag_eval.py --download` caches)")
-    g.add_argument("--sample_every", type=int, default=1000, help="print a sample every N steps (0 = never)")
-    g.add_argument("--prompt", default="Hello, I'm a language model,", help="text the samples continue")
-    g.add_argument("--sample_tokens", type=int, default=32, help="tokens per sample")
-    g.add_argument("--top_k", type=int, default=50, help="sample from the k most likely tokens")
-    g.add_argument("--tensorboard", action="store_true",
-                   help="also write every log.jsonl record as TensorBoard scalars under OUT_DIR/tensorboard")
-    g.add_argument("--wandb", metavar="PROJECT", default=None,
-                   help="also log every log.jsonl record to this W&B project (WANDB_MODE=offline: no network)")
-
-
-def checkpoint_flags(p: argparse.ArgumentParser) -> None:
-    """Where checkpoints go, resuming, and when a run stops on its own."""
-    g = p.add_argument_group("checkpoints")
-    g.add_argument("--out_dir", default="out", help="checkpoints (ckpt_<step>.pt) and log.jsonl go here")
-    g.add_argument("--save_every", type=int, default=1000,
-                   help="checkpoint every N steps (0 = only the final one)")
-    g.add_argument("--resume", default=None,
-                   help="'auto' continues from the newest checkpoint in --out_dir (or starts fresh); or a .pt path")
-    g.add_argument("--keep_last", type=int, default=0,
-                   help="keep only the newest K checkpoints (0 = keep all)")
-    g.add_argument("--max_bad_steps", type=int, default=5,
-                   help="stop after this many steps in a row with a non-finite loss or gradient norm (each skipped)")
-    g.add_argument("--stop_at_step", type=int, default=None,
-                   help="save and stop after this step without changing the LR schedule (for time-limited jobs)")
-
-
-def command_flags(p: argparse.ArgumentParser) -> None:
-    """Export, benchmark and sampling, instead of training."""
-    g = p.add_argument_group("other commands (instead of training)")
-    g.add_argument("--export_hf", default=None, metavar="DIR",
-                   help="write the --resume checkpoint as a Hugging Face model directory (GPT-2 or Llama layout) and exit")
-    g.add_argument("--benchmark", nargs="?", const="step", choices=["step", "ladder"], default=None,
-                   help="time the training step of these flags (ms/step, tok/s, MFU, peak memory); 'ladder' times it "
-                        "with each optimisation added in turn, from fp32 eager with manual attention")
-    g.add_argument("--benchmark_steps", type=int, default=10, help="timed steps per benchmark row (the median is shown)")
-    g.add_argument("--benchmark_warmup", type=int, default=3, help="untimed steps before each benchmark row")
-    g.add_argument("--benchmark_data", choices=["synthetic", "real"], default="synthetic",
-                   help="benchmark on random tokens or on --data_dir's train shards")
-    g.add_argument("--sample_only", action="store_true",
-                   help="print a sample from --resume or --init_from with its tokens/s, and exit")
-    g.add_argument("--int8", action="store_true",
-                   help="with --sample_only on CPU: also sample from an int8 copy of the linear layers, and report its speed-up "
-                        "and validation-loss change on --data_dir")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Pretrain GPT-2 on uint16 token shards (one CPU, one GPU, or torchrun).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for add_flags in (model_flags, data_flags, optimization_flags, system_flags, evaluation_flags, checkpoint_flags, command_flags):
-        add_flags(p)
-    args = p.parse_args(argv)
-    for action in p._actions:  # parse again with no defaults: what is left is what the command line says itself
-        action.default = argparse.SUPPRESS
-    args.explicit = sorted(vars(p.parse_args(argv)))
-    if args.recipe:
-        apply_recipe(args)
-    return args
-
-
-def out_of_memory_message(e: torch.OutOfMemoryError, args: argparse.Namespace) -> str:
+def out_of_memory_message(e: torch.OutOfMemoryError, flags: dict) -> str:
     """One line for a device out of memory: where, what was asked for, and the flags that fix it."""
     said = str(e)
     asked = re.search(r"Tried to allocate ([\d.]+ \w+)", said)
@@ -2935,30 +2437,23 @@ def out_of_memory_message(e: torch.OutOfMemoryError, args: argparse.Namespace) -
     where = f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""
     detail = ", ".join(part for part in (asked and f"asked for {asked.group(1)} more",
                                          total and f"{total.group(1)} on the device") if part)
-    return (f"out of memory{where} at --batch_size {args.batch_size} x --seq_len {args.seq_len} with --model "
-            f"{args.init_from or args.model}{f' ({detail})' if detail else ''}: lower --batch_size (--total_batch_size "
+    return (f"out of memory{where} at --batch_size {flags['batch_size']} x --seq_len {flags['seq_len']} with --model "
+            f"{flags['init_from'] or flags['model']}{f' ({detail})' if detail else ''}: lower --batch_size (--total_batch_size "
             "stays the same, with more micro-steps), or add --activation_checkpointing or --fsdp; the README's memory "
             "table (python benchmarks/memory_table.py) gives what each model needs")
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    flags, explicit = parse_flags(argv)
     try:
-        if args.export_hf:
-            export_command(args)
-        elif args.benchmark:
-            benchmark_command(args)
-        elif args.sample_only:
-            sample_command(args)
-        else:
-            train(args)
+        train(flags, explicit)
     except UserError as e:
         if is_master():
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except torch.OutOfMemoryError as e:
         # every rank that ran out says so: under torchrun it may be one rank of many
-        print(f"error: {out_of_memory_message(e, args)}", file=sys.stderr)
+        print(f"error: {out_of_memory_message(e, flags)}", file=sys.stderr)
         sys.exit(2)
 
 

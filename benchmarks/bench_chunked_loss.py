@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt2 as tg  # noqa: E402
+from bench_step import time_training_step  # noqa: E402
 
 
 def main() -> None:
@@ -33,7 +34,7 @@ def main() -> None:
     results: dict[bool, list[dict]] = {False: [], True: []}
     for r in range(args.rounds):
         for chunked in (False, True):
-            results[chunked].append(tg.time_training_step(
+            results[chunked].append(time_training_step(
                 config, device, args.batch_size, args.seq_len, args.steps, args.warmup, compile=args.compile,
                 bf16=args.bf16, chunked=chunked))
             row = results[chunked][-1]

@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt2 as tg  # noqa: E402
+from bench_step import time_training_step  # noqa: E402
 from bench_step_peer import cpu_name  # noqa: E402
 
 
@@ -56,7 +57,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(args.rounds):
         for name in names:
-            row = tg.time_training_step(config, device, args.batch_size, args.seq_len, args.steps, args.warmup,
+            row = time_training_step(config, device, args.batch_size, args.seq_len, args.steps, args.warmup,
                                         bf16=bf16, compile=args.compile, chunked=True, optimizer=name)
             times[name].append(row["ms"])
             print(f"round {r + 1} {name}: {row['ms']:.0f} ms/step", flush=True)

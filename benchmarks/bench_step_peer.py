@@ -10,7 +10,7 @@ loader section (the line `import tiktoken` after a `# ----` rule) is executed as
 the clone's hellaswag.py dropped (evaluation only) and `master_process = False` set so that configure_optimizers
 prints nothing. Its step is its training loop's: forward under bf16 autocast (plain fp32 where this CPU has no
 native bf16, as ours then runs), backward, clip_grad_norm_(1.0), AdamW (fused only on CUDA, as its code decides).
-Ours is time_training_step, the step --benchmark times: the default chunked head + cross-entropy, or the plain
+Ours is time_training_step, the step bench_step.py times: the default chunked head + cross-entropy, or the plain
 head with --plain. Each variant is timed eagerly and under torch.compile; each round times every variant once, in
 the same order, so that whatever else the machine does slows all alike. The table gives the median over rounds of
 each variant's median step and each one's speed relative to the peer's compiled step, then the median of the
@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt2 as tg  # noqa: E402
+from bench_step import time_training_step  # noqa: E402
 
 
 def load_peer(clone: str) -> types.ModuleType:
@@ -122,7 +123,7 @@ def main() -> None:
             if who == "peer":
                 ms = time_peer_step(peer, config, device, **common)["ms"]
             else:
-                ms = tg.time_training_step(config, device, chunked=not args.plain, **common)["ms"]
+                ms = time_training_step(config, device, chunked=not args.plain, **common)["ms"]
             times[name].append(ms)
             print(f"round {r + 1}: {name}: {ms:.0f} ms/step", flush=True)
     reference = statistics.median(times["build-nanogpt compiled"])

@@ -10,7 +10,7 @@
 #           without a working C compiler fails here in one line, not in the middle of a run
 #   shards  a fixed random sequence of 1009 tokens (127 in the smoke) repeated, so the loss can fall within 300
 #           steps, written with gpt2_tokens.write_shard as two train shards and one val shard
-#   ladder  python train_gpt2.py --benchmark ladder --model gpt2 --seq_len 1024 --batch_size 16: each
+#   ladder  python benchmarks/bench_step.py --ladder --model gpt2 --seq_len 1024 --batch_size 16: each
 #           optimisation added in turn; its last two rows are torch.compile with the plain head and with the
 #           chunked linear + cross-entropy, side by side. PASS if it runs and prints all its rows.
 #   loss    the chunked head against the plain one on a small d2 model, over several chunks, with ignored
@@ -183,9 +183,9 @@ EOF
 }
 
 check_ladder() {
-    run_logged "$LADDER_CAP" "$WORK/ladder.out" env ${LADDER_ENV[@]+"${LADDER_ENV[@]}"} "$PYTHON" -u train_gpt2.py \
-        --benchmark ladder --model "$MODEL" --seq_len "$T" --batch_size "$B" --device "$DEVICE" \
-        --benchmark_steps "$BENCH_STEPS" --benchmark_warmup "$BENCH_WARMUP" --data_dir "$DATA" ${PEAK[@]+"${PEAK[@]}"}
+    run_logged "$LADDER_CAP" "$WORK/ladder.out" env ${LADDER_ENV[@]+"${LADDER_ENV[@]}"} "$PYTHON" -u \
+        benchmarks/bench_step.py --ladder --model "$MODEL" --seq_len "$T" --batch_size "$B" --device "$DEVICE" \
+        --steps "$BENCH_STEPS" --warmup "$BENCH_WARMUP" --data_dir "$DATA" ${PEAK[@]+"${PEAK[@]}"}
     "$PYTHON" - "$WORK/ladder.out" "$MODE" "$WORK/ladder.info" > "$WORK/ladder.verdict" <<'EOF' \
         || fail "reading the ladder's table crashed (see above)"
 import math, sys

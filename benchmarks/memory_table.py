@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", nargs="+", default=list(TABLE_PRESETS), choices=list(t.PRESETS),
                    help="presets to tabulate")
     p.add_argument("--chunked_loss", action=argparse.BooleanOptionalAction,
-                   default=getattr(t.parse_args([]), "chunked_loss", False),
+                   default=t.Settings.chunked_loss,
                    help="assume the trainer's chunked head + cross-entropy (its default), or materialised logits")
     p.add_argument("--check", action="store_true",
                    help="measure the saved-tensor constants on tiny models, fit them, test the formula on held-out "

@@ -1,13 +1,33 @@
-"""The benchmark mode of train_gpt2.py: the manual-attention baseline computes what SDPA does, the memory probe sees
-an allocation, MFU shares one yardstick and never exceeds 100%, and the ladder's ratios follow from its own rows."""
+"""benchmarks/bench_step.py: the manual-attention baseline computes what SDPA does, the memory probe sees an
+allocation, MFU shares one yardstick and never exceeds 100%, and the ladder's ratios follow from its own rows; then
+the chunked head + cross-entropy against the plain one."""
 
+import contextlib
+import io
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import train_gpt2 as tg
-from test_options import cli
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import bench_step  # noqa: E402
+
+
+def bench(argv):
+    """bench_step.main(argv) in this process: (exit code, stdout, stderr), like a finished subprocess."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            bench_step.main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def small_config(**overrides) -> tg.GPTConfig:
@@ -25,16 +45,15 @@ def test_manual_attention_computes_what_sdpa_does(overrides):
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    for block in model.transformer.h:
-        block.attn.manual = True
-    _, manual_loss = model(idx, targets)
-    manual_loss.backward()
+    with bench_step.attention_kernel(sdpa=False):
+        _, manual_loss = model(idx, targets)
+        manual_loss.backward()
     assert abs(manual_loss.item() - loss.item()) < 1e-5
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, grads[n], atol=1e-6), n
     # with a KV cache too: one token at a time after a prefill, against the full forward
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), bench_step.attention_kernel(sdpa=False):
         full, _ = model(idx)
         cache = tg.KVCache(model.config, 2)
         parts = [model(idx[:, :10], cache=cache)[0]] + [model(idx[:, t:t + 1], cache=cache)[0] for t in range(10, 24)]
@@ -42,9 +61,9 @@ def test_manual_attention_computes_what_sdpa_does(overrides):
 
 
 def test_peak_rss_sees_an_allocation_made_inside_the_block():
-    with tg.PeakRSS() as idle:
+    with bench_step.PeakRSS() as idle:
         torch.zeros(1).add_(1)
-    with tg.PeakRSS() as busy:
+    with bench_step.PeakRSS() as busy:
         block = torch.ones(64 * 2**20 // 4 * 4)  # 256 MiB, every page touched
         del block
     assert busy.peak - idle.peak > 200 * 2**20
@@ -53,10 +72,10 @@ def test_peak_rss_sees_an_allocation_made_inside_the_block():
 def test_mfu_shares_one_peak_per_dtype_and_never_exceeds_one(monkeypatch):
     monkeypatch.setattr(tg, "device_peak_flops", lambda device, dtype, override: 100.0 if override is None else override * 1e12)
     rows = [{"dtype": torch.float32, "flops_per_s": f} for f in (50.0, 150.0, 75.0)]
-    tg.add_mfu(rows, torch.device("cpu"), None)
+    bench_step.add_mfu(rows, torch.device("cpu"), None)
     assert [r["mfu"] for r in rows] == [50.0 / 150.0, 1.0, 75.0 / 150.0]  # the probe is raised to the best row
     given = [{"dtype": torch.float32, "flops_per_s": 3e12}]
-    tg.add_mfu(given, torch.device("cpu"), 6.0)
+    bench_step.add_mfu(given, torch.device("cpu"), 6.0)
     assert given[0]["mfu"] == 0.5  # a stated peak is taken as it is
 
 
@@ -71,20 +90,23 @@ def test_unpadded_vocabulary_and_switches_reach_the_model(monkeypatch):
         return model
 
     monkeypatch.setattr(tg, "GPT", spy)
-    result = tg.time_training_step(small_config(), torch.device("cpu"), batch_size=2, seq_len=16, steps=2, warmup=1,
-                                   sdpa=False, padded=False, fused=False)
+    calls = []
+    real_manual = bench_step.manual_attention
+    monkeypatch.setattr(bench_step, "manual_attention", lambda *a, **k: calls.append(1) or real_manual(*a, **k))
+    result = bench_step.time_training_step(small_config(), torch.device("cpu"), batch_size=2, seq_len=16, steps=2,
+                                           warmup=1, sdpa=False, padded=False, fused=False)
     assert seen["config"].padded_vocab_size == seen["config"].vocab_size == 50257
-    assert all(block.attn.manual for block in seen["model"].transformer.h)
+    assert len(calls) == (1 + 2) * 2  # each of the 3 steps, in both layers, went through the manual attention
     assert result["tok_per_s"] == pytest.approx(2 * 16 / (result["ms"] / 1000))
 
 
 def test_ladder_rows_ratios_and_skips(tmp_path):
-    result = cli(["--model", "d2", "--seq_len", "32", "--batch_size", "2", "--device", "cpu", "--benchmark",
-                          "ladder", "--benchmark_steps", "2", "--benchmark_warmup", "1"])
+    result = bench(["--model", "d2", "--seq_len", "32", "--batch_size", "2", "--device", "cpu", "--ladder",
+                    "--steps", "2", "--warmup", "1"])
     assert result.returncode == 0, result.stderr
     out = result.stdout
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| step")]
-    assert [r.split(" | ")[0][2:] for r in rows] == [name for name, _ in tg.LADDER]
+    assert [r.split(" | ")[0][2:] for r in rows] == [name for name, _ in bench_step.LADDER]
     assert "skipped: TF32 is a CUDA tensor-core mode" in rows[1]
     timed = [r for r in rows if "skipped" not in r]
     parsed = []
@@ -189,7 +211,7 @@ def test_chunked_loss_lowers_peak_memory(monkeypatch):
     for chunked in (True, False):
         model.chunked_loss = chunked
         model.zero_grad(set_to_none=True)
-        with tg.PeakRSS() as rss:
+        with bench_step.PeakRSS() as rss:
             _, loss = model(idx, idx)
             loss.backward()
         del loss
@@ -224,8 +246,8 @@ def test_loader_speed_is_set_beside_the_step(tmp_path):
     from test_train import make_shards
     data = str(tmp_path / "shards")
     make_shards(data)
-    result = cli(["--model", "d2", "--seq_len", "32", "--batch_size", "2", "--device", "cpu", "--benchmark",
-                  "--benchmark_steps", "2", "--benchmark_warmup", "1", "--data_dir", data])
+    result = bench(["--model", "d2", "--seq_len", "32", "--batch_size", "2", "--device", "cpu", "--steps", "2",
+                    "--warmup", "1", "--data_dir", data])
     assert result.returncode == 0, result.stderr
     step = re.search(r"([\d,]+) tok/s \| MFU", result.stdout)
     loader = re.search(r"loader: ([\d,]+) tok/s from (\S+) vs ([\d,]+) tok/s for the fastest step above "
@@ -237,6 +259,6 @@ def test_loader_speed_is_set_beside_the_step(tmp_path):
     assert num(loader.group(4)) == pytest.approx(ratio, rel=0.01, abs=1)
     assert float(loader.group(5)) == pytest.approx(100 / ratio, rel=0.01, abs=0.01)
     # without shards the step is still timed, and the loader line says why it was not
-    result = cli(["--model", "d2", "--seq_len", "32", "--batch_size", "2", "--device", "cpu", "--benchmark",
-                  "--benchmark_steps", "1", "--benchmark_warmup", "0", "--data_dir", str(tmp_path / "none")])
+    result = bench(["--model", "d2", "--seq_len", "32", "--batch_size", "2", "--device", "cpu", "--steps", "1",
+                    "--warmup", "0", "--data_dir", str(tmp_path / "none")])
     assert result.returncode == 0 and "loader: not timed (data directory" in result.stdout

@@ -192,7 +192,7 @@ def test_dist_timeout_reaches_the_process_group(monkeypatch):
     monkeypatch.setattr(tg.dist, "init_process_group", lambda **kwargs: seen.update(kwargs))
     for argv, minutes in (([], 30), (["--dist_timeout", "90"], 90)):
         trainer = types.SimpleNamespace(distributed=True, device=torch.device("cpu"), dtype=torch.float32, rank=0,
-                                        world_size=2, args=tg.parse_args(argv))
+                                        world_size=2, settings=tg.parse_settings(argv))
         tg.Trainer.start_processes(trainer)
         assert seen["timeout"] == datetime.timedelta(minutes=minutes) and seen["backend"] == "gloo"
 

@@ -25,10 +25,15 @@ from train_gpt2 import (  # noqa: E402
     PRESETS,
     GPTConfig,
     UserError,
-    configure_optimizer,
+    adamw,
     lr_at,
     model_config,
 )
+
+
+def configure_optimizer(model, lr, weight_decay, device_type):
+    """AdamW over the whole model, as the trainer builds it for --optimizer adamw."""
+    return adamw(list(model.parameters()), lr, weight_decay, device_type)
 
 V, VP = 300, 320  # a small vocabulary and its padded size: the model never predicts ids in [V, VP)
 GPT2_SMALL_PARAMS = 124_439_808  # GPT-2 small (124M) as released and as Hugging Face counts it, embeddings tied

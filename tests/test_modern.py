@@ -26,6 +26,7 @@ import torch.nn as nn
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import sample  # noqa: E402
 import train_gpt2 as tg  # noqa: E402
 
 V, VP = 300, 320  # small vocabulary and its padded size for the model-only tests
@@ -486,7 +487,7 @@ def test_attention_dropout_is_applied_in_training():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# int8 copy for sampling
+# int8 copy for sampling (sample.py)
 
 
 def test_int8_linear_is_close_to_the_float_linear_row_by_row():
@@ -497,7 +498,7 @@ def test_int8_linear_is_close_to_the_float_linear_row_by_row():
         row_size = torch.logspace(-3, 1, 96)[:, None]
         linear.weight.copy_(torch.randn(96, 64, generator=g) * row_size)
         linear.bias.copy_(torch.randn(96, generator=g) * 0.01)
-    q = tg.Int8Linear(linear.weight, linear.bias)
+    q = sample.Int8Linear(linear.weight, linear.bias)
     w8, scale = q.weight_int8, q.scale
     assert w8.dtype == torch.int8 and w8.shape == (96, 64) and scale.shape == (96,)
     w = linear.weight.detach()
@@ -525,13 +526,13 @@ def test_int8_model_is_close_and_leaves_the_original_alone(variant):
     idx, y = tokens((4, 48), seed=28), tokens((4, 48), seed=29)
     with torch.no_grad():
         logits, loss = model(idx, y)
-        q = model.int8()
+        q = sample.int8_copy(model)
         q_logits, q_loss = q(idx, y)
     assert q is not model
     n_layer = model.config.n_layer
     assert not [n for n, m in q.named_modules() if isinstance(m, nn.Linear)]
-    assert sum(isinstance(m, tg.Int8Linear) for m in q.modules()) == 4 * n_layer + 1
-    assert isinstance(q.lm_head, tg.Int8Linear)
+    assert sum(isinstance(m, sample.Int8Linear) for m in q.modules()) == 4 * n_layer + 1
+    assert isinstance(q.lm_head, sample.Int8Linear)
     assert torch.all(q_logits[..., V:] == float("-inf")) and torch.isfinite(q_logits[..., :V]).all()
     assert abs(q_loss.item() - loss.item()) < 0.02
     assert q_loss.item() != loss.item()
@@ -539,7 +540,7 @@ def test_int8_model_is_close_and_leaves_the_original_alone(variant):
     assert rel.item() < 0.1
     # the original: same modules, same tensors, same tying, same output
     assert sum(isinstance(m, nn.Linear) for m in model.modules()) == 4 * n_layer + 1
-    assert not any(isinstance(m, tg.Int8Linear) for m in model.modules())
+    assert not any(isinstance(m, sample.Int8Linear) for m in model.modules())
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert (model.lm_head.weight is model.transformer.wte.weight) == model.config.tie_embeddings

@@ -1,5 +1,5 @@
 """The trainer's options beyond GPT-2's defaults: architecture flags, the adamw/sgd/muon optimisers, --epochs,
---init_from, activation checkpointing and dropout, --sample_only --int8, DDP with Muon. Each end-to-end case is
+--init_from, activation checkpointing and dropout, sample.py's --int8, DDP with Muon. Each end-to-end case is
 checked against an uninterrupted run, a second run that must agree, or a computation made here independently.
 
 Most runs call train_gpt2.main in this process (the same code path as the command line, without paying for a new
@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import sample
 import train_gpt2 as tg
 from test_train import TINY, load_weights, make_shards, read_log, run_cli
 
@@ -40,6 +41,18 @@ def cli(argv):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             tg.main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def sample_cli(argv):
+    """sample.main(argv) in this process, as cli() runs the trainer's."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            sample.main([str(a) for a in argv])
         except SystemExit as e:
             code = e.code
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
@@ -188,10 +201,10 @@ def test_stop_and_resume_is_bit_identical(data, tmp_path, optimizer, arch, extra
         assert config["mlp_hidden"] == 96 and config["n_kv_head"] == 2
         assert not torch.equal(a["model"]["lm_head.weight"], a["model"]["transformer.wte.weight"])
     assert len(a["optimizer"]) == (2 if optimizer == "muon" else 1)
-    assert a["args"]["optimizer"] == optimizer
+    assert a["settings"]["optimizer"] == optimizer
 
     # logged lr is --lr times the schedule; every saved group carries the lr its own flag sets for the last step
-    args = a["args"]
+    args = a["settings"]
     for rec in log_a[1:]:
         assert rec["lr"] == pytest.approx(args["lr"] * schedule(rec["step"] - 1, 1, 4), rel=1e-12)
     last = schedule(3, 1, 4)
@@ -211,12 +224,12 @@ def test_stop_and_resume_is_bit_identical(data, tmp_path, optimizer, arch, extra
 
 
 def build(name, **overrides):
-    args = tg.parse_args(["--optimizer", name, "--lr", "0.004", "--weight_decay", "0.05", "--muon_lr", "0.03",
+    args = tg.parse_settings(["--optimizer", name, "--lr", "0.004", "--weight_decay", "0.05", "--muon_lr", "0.03",
                           "--muon_momentum", "0.9", "--muon_weight_decay", "0.01", "--sgd_momentum", "0.7"])
     config = tg.GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=64, **overrides)
     torch.manual_seed(0)
     model = tg.GPT(config)
-    return model, tg.configure_optimizers(model, name, args, "cpu"), args
+    return model, tg.configure_optimizers(model, args, "cpu"), args
 
 
 def block_matrix_names(n_layer):
@@ -364,6 +377,7 @@ def test_checkpoint_with_a_single_optimizer_dict_still_resumes(data, base_run, t
     saved = torch.load(path, map_location="cpu", weights_only=True)
     assert isinstance(saved["optimizer"], list) and len(saved["optimizer"]) == 1
     saved["optimizer"] = saved["optimizer"][0]
+    saved["args"] = saved.pop("settings")  # as older checkpoints name them
     del saved["args"]["optimizer"]
     os.remove(path)  # a new file, not the base run's (hard-linked) one rewritten
     torch.save(saved, path)
@@ -390,7 +404,7 @@ def test_epochs_sets_the_number_of_steps(data, tmp_path):
     log = read_log(out)
     assert [rec["step"] for rec in log] == list(range(1, expected + 1))
     assert sorted(os.listdir(out)) == [f"ckpt_{expected:07d}.pt", "log.jsonl"]
-    assert ckpt(out, expected)["args"]["max_steps"] == expected
+    assert ckpt(out, expected)["settings"]["max_steps"] == expected
     for rec in log:  # the cosine ends at the derived length
         assert rec["lr"] == pytest.approx(3e-3 * schedule(rec["step"] - 1, 1, expected), rel=1e-12)
 
@@ -450,8 +464,7 @@ def test_init_from_starts_at_the_hugging_face_models_loss(data, hf_dir, tmp_path
     assert (config["n_layer"], config["n_head"], config["n_embd"], config["block_size"]) == (2, 4, 64, 64)
     assert config["norm"] == "layernorm" and config["pos"] == "learned" and config["tie_embeddings"]
 
-    r = ok(cli(["--sample_only", "--init_from", hf_dir, "--device", "cpu", "--dtype", "fp32",
-                "--sample_tokens", 4]))
+    r = ok(sample_cli(["--init_from", hf_dir, "--device", "cpu", "--dtype", "fp32", "--sample_tokens", 4]))
     assert re.search(rf"^full \({re.escape(hf_dir)}\): [\d.]+ tok/s \| ", r.stdout, re.M), r.stdout
 
 
@@ -504,7 +517,7 @@ def test_activation_checkpointing_and_dropout(data, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# --sample_only --int8, and the commands' bad input
+# sample.py: --int8, and its bad input
 
 
 def batched_loss(model, seqs, batch):
@@ -520,7 +533,7 @@ def batched_loss(model, seqs, batch):
     return total / (seqs.shape[0] * (seqs.shape[1] - 1))
 
 
-def test_sample_only_int8_reports_consistent_numbers(data, base_run, tmp_path):
+def test_sample_int8_reports_consistent_numbers(data, base_run, tmp_path):
     folder = data[0]
     # the base checkpoint with large weights, each row holding one outlier: int8 rounding then moves the loss
     # clearly, so a wrong sign or a mixed-up variant cannot pass for rounding
@@ -532,7 +545,7 @@ def test_sample_only_int8_reports_consistent_numbers(data, base_run, tmp_path):
             w[:, 0] = 10.0
     path = str(tmp_path / "ckpt_0000001.pt")
     torch.save(saved, path)
-    r = ok(cli(["--sample_only", "--resume", path, "--int8", "--device", "cpu", "--dtype", "fp32",
+    r = ok(sample_cli(["--resume", path, "--int8", "--device", "cpu", "--dtype", "fp32",
                 "--data_dir", folder, "--seq_len", T, "--batch_size", B, "--val_tokens", 1024,
                 "--sample_tokens", 8, "--prompt", "Hello"]))
     speed = {m.group(1): float(m.group(2)) for m in re.finditer(
@@ -555,21 +568,19 @@ def test_sample_only_int8_reports_consistent_numbers(data, base_run, tmp_path):
     seqs = val_sequences(folder, T, 1024)
     assert len(seqs) % B == 0  # no padded rows: the batches below are the command's
     assert abs(loss["full"][0] - mean_loss(lambda x: model(x)[0], seqs)) <= 1e-4
-    assert abs(loss["int8"][0] - batched_loss(model.int8(), seqs, B)) <= 1e-4
+    assert abs(loss["int8"][0] - batched_loss(sample.int8_copy(model), seqs, B)) <= 1e-4
 
 
 @pytest.mark.parametrize("flags, fragments", [
-    (["--int8", "--max_steps", "1"], ["--int8", "--sample_only"]),
-    (["--sample_only"], ["--resume", "--init_from"]),
-    (["--export_hf", "EXPORT"], ["--export_hf", "--resume"]),
+    ([], ["--resume", "--init_from"]),
+    (["--resume", "auto"], ["no checkpoint in", "--resume PATH"]),
+    (["--resume", "/nonexistent/ckpt.pt"], ["does not exist"]),
 ])
-def test_command_flags_without_what_they_need(data, tmp_path, flags, fragments):
+def test_sample_without_what_it_needs(tmp_path, flags, fragments):
     out = tmp_path / "o"
-    export = tmp_path / "export"
-    flags = [str(export) if f == "EXPORT" else f for f in flags]
-    r = cli(TINY + ["--data_dir", data[0], "--out_dir", str(out)] + flags)
+    r = sample_cli(["--out_dir", str(out)] + flags)
     assert_one_line_error(r, *fragments)
-    assert not out.exists() and not export.exists()
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------

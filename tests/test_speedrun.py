@@ -4,6 +4,7 @@ end (explicit flags win, exact resume, DDP ranks identical, an old checkpoint st
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -252,9 +253,9 @@ def test_muon_runs_its_iterations_in_the_dtype_it_is_given(monkeypatch):
     real = tg.orthogonalize
     monkeypatch.setattr(tg, "orthogonalize", lambda g, c, dtype: seen.append(dtype) or real(g, c, dtype))
     model = small(norm="rmsnorm", bias=False)
-    args = tg.parse_args(["--optimizer", "muon"])
+    settings = tg.parse_settings(["--optimizer", "muon"])
     for dtype in (torch.float32, torch.bfloat16):
-        muon, _ = tg.configure_optimizers(model, "muon", args, "cpu", ortho_dtype=dtype)
+        muon, _ = tg.configure_optimizers(model, settings, "cpu", ortho_dtype=dtype)
         model(tokens((1, 8)), tokens((1, 8), seed=1))[1].backward()
         muon.step()
         assert set(seen) == {dtype}
@@ -263,9 +264,9 @@ def test_muon_runs_its_iterations_in_the_dtype_it_is_given(monkeypatch):
 
 def test_adam_groups_take_their_own_learning_rates():
     model = small(tie_embeddings=False, x0_lambdas=True)
-    args = tg.parse_args(["--optimizer", "normuon", "--embed_lr", "0.3", "--head_lr", "0.01", "--scalar_lr", "0.05",
-                          "--lr", "0.001"])
-    muon, adam = tg.configure_optimizers(model, "normuon", args, "cpu")
+    args = tg.parse_settings(["--optimizer", "normuon", "--embed_lr", "0.3", "--head_lr", "0.01", "--scalar_lr", "0.05",
+                              "--lr", "0.001"])
+    muon, adam = tg.configure_optimizers(model, args, "cpu")
     names = {id(p): n for n, p in model.named_parameters()}
     by_flag = {}
     for g in adam.param_groups:
@@ -392,12 +393,12 @@ def docs(tmp_path_factory):
 
 
 def test_recipe_fills_in_what_the_command_line_leaves_out():
-    a = tg.parse_args(["--model", "d4", "--recipe", "speedrun", "--muon_lr", "0.05", "--no-shuffle"])
+    a = tg.parse_settings(["--model", "d4", "--recipe", "speedrun", "--muon_lr", "0.05", "--no-shuffle"])
     recipe = tg.RECIPES["speedrun"]["flags"]
     assert a.muon_lr == 0.05 and a.shuffle is False
     assert a.embed_lr == pytest.approx(recipe["embed_lr"] * math.sqrt(768 / 256))
     assert (a.optimizer, a.mlp, a.qk_norm, a.lr_schedule, a.untie) == ("normuon", "relu2", True, "wsd", True)
-    plain = tg.parse_args(["--model", "d4"])
+    plain = tg.parse_settings(["--model", "d4"])
     assert (plain.optimizer, plain.mlp, plain.qk_norm, plain.lr_schedule) == ("adamw", None, None, "cosine")
 
 
@@ -407,6 +408,9 @@ def test_recipe_resumes_bit_identical_and_keeps_its_recipe(docs, tmp_path):
     r = ok(cli(common + ["--out_dir", whole, "--recipe", "speedrun", "--head_lr", "0.02"]))
     assert "recipe speedrun: --norm rmsnorm" in r.stdout and "given on the command line: --head_lr" in r.stdout
     assert "--warmup_steps 1 --muon_momentum_warmup 2" in r.stdout and "starting at document starts" in r.stdout
+    # no parameter trains at --lr under the recipe: the step line gives the schedule's multiplier of every peak LR
+    assert re.search(r"^step +1/5 \| loss [\d.]+ \| lr x1\.000 \|", r.stdout, re.M), r.stdout
+    assert all("lr" not in rec and 0 < rec["lr_scale"] <= 1 for rec in read_log(whole) if "train_loss" in rec)
     ok(cli(common + ["--out_dir", split, "--recipe", "speedrun", "--head_lr", "0.02", "--stop_at_step", 2]))
     r = ok(cli(common + ["--out_dir", split, "--head_lr", "0.02", "--resume", "auto"]))  # no --recipe: kept
     assert "resumed from" in r.stdout and "recipe speedrun" in r.stdout
@@ -416,7 +420,7 @@ def test_recipe_resumes_bit_identical_and_keeps_its_recipe(docs, tmp_path):
     assert sa.keys() == sb.keys() and any(k[2] == "second_moment" for k in sa)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert [r.get("train_loss") for r in read_log(whole)] == [r.get("train_loss") for r in read_log(split)]
-    assert a["config"]["qk_norm"] and a["args"]["recipe"] == "speedrun" and a["args"]["head_lr"] == 0.02
+    assert a["config"]["qk_norm"] and a["settings"]["recipe"] == "speedrun" and a["settings"]["head_lr"] == 0.02
 
 
 def test_a_checkpoint_from_before_the_speedrun_options_resumes(data_dir_plain, tmp_path):
@@ -427,6 +431,7 @@ def test_a_checkpoint_from_before_the_speedrun_options_resumes(data_dir_plain, t
     saved = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("qk_norm", "embed_norm", "x0_lambdas", "zero_init", "logit_softcap"):
         del saved["config"][key]
+    saved["args"] = saved.pop("settings")  # as older checkpoints name them
     for key in ("recipe", "bos_aligned", "shuffle", "lr_schedule", "explicit"):
         del saved["args"][key]
     torch.save(saved, path)
@@ -464,12 +469,12 @@ sys.path.insert(0, sys.argv[1])
 import train_gpt2 as tg
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-args = tg.parse_args(["--model", "d2", "--recipe", "speedrun"])
-config, _ = tg.model_from_args(args)
+settings = tg.parse_settings(["--model", "d2", "--recipe", "speedrun"])
+config, _ = tg.model_from_settings(settings)
 torch.manual_seed(0)
 model = tg.GPT(config)
 ddp = torch.nn.parallel.DistributedDataParallel(model)
-opts = tg.configure_optimizers(model, "normuon", args, "cpu", ortho_dtype=torch.float32)
+opts = tg.configure_optimizers(model, settings, "cpu", ortho_dtype=torch.float32)
 g = torch.Generator().manual_seed(100 + rank)  # each rank its own data, as in training
 for step in range(3):
     idx = torch.randint(0, 50257, (2, 33), generator=g)

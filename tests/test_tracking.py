@@ -52,7 +52,7 @@ def test_tensorboard_mirrors_log_jsonl_across_a_resume(data_dir, tmp_path):
     series = {key: {e.step: e.value for e in events.Scalars(key)} for key in events.Tags()["scalars"]}
     assert_mirrors(log, series)
     # the arguments and config were written once, by the fresh run
-    assert set(events.Tags()["tensors"]) >= {"args/text_summary", "config/text_summary"}
+    assert set(events.Tags()["tensors"]) >= {"settings/text_summary", "config/text_summary"}
     config_text = events.Tensors("config/text_summary")
     assert len(config_text) == 1 and b'"n_layer": 2' in config_text[0].tensor_proto.string_val[0]
 
@@ -117,7 +117,7 @@ def test_wandb_offline_run_mirrors_log_jsonl_across_a_resume(data_dir, tmp_path,
                 configs.append({item.key or ".".join(item.nested_key): json.loads(item.value_json)
                                 for item in record.run.config.update})
     assert_mirrors(log, series)
-    assert configs and configs[0]["config"]["n_layer"] == 2 and configs[0]["args"]["max_steps"] == 6
+    assert configs and configs[0]["config"]["n_layer"] == 2 and configs[0]["settings"]["max_steps"] == 6
 
 
 def test_missing_tracker_packages_are_one_line(data_dir, tmp_path, monkeypatch):

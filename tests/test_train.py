@@ -2,6 +2,7 @@
 
 import atexit
 import functools
+import glob
 import json
 import multiprocessing
 import os
@@ -262,8 +263,8 @@ def test_checkpoint_contents(data_dir, tmp_path):
     r = run_cli(TINY + ["--data_dir", data_dir, "--max_steps", "2", "--out_dir", out, "--dtype", "fp16"])
     assert r.returncode == 0, r.stderr
     ckpt = torch.load(os.path.join(out, "ckpt_0000002.pt"), map_location="cpu", weights_only=True)
-    assert {"model", "optimizer", "step", "loader", "rng", "scaler", "config", "args"} <= ckpt.keys()
-    assert ckpt["step"] == 2 and ckpt["args"]["max_steps"] == 2
+    assert {"model", "optimizer", "step", "loader", "rng", "scaler", "config", "settings"} <= ckpt.keys()
+    assert ckpt["step"] == 2 and ckpt["settings"]["max_steps"] == 2
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     assert ckpt["scaler"]["scale"] > 0  # fp16 ran with a GradScaler, whose state is kept
     assert ckpt["loader"]["position"] == 2 * 256  # two steps of 256 tokens from the start
@@ -408,8 +409,8 @@ def test_hellaswag_default_file_is_the_one_hellaswag_eval_downloads(data_dir, tm
 
 
 def test_imports_run_one_way():
-    """train_gpt2.py imports no helper script; hellaswag_eval imports it; prepare_fineweb does not (it starts
-    without torch)."""
+    """train_gpt2.py imports none of the repository's other modules; the helper scripts import it; prepare_fineweb
+    does not (it starts without torch)."""
     import ast
 
     def imported(name):
@@ -422,8 +423,13 @@ def test_imports_run_one_way():
                 names.add(node.module)
         return names
 
-    assert not imported("train_gpt2.py") & {"hellaswag_eval", "prepare_fineweb", "gpt2_tokens"}
-    assert "train_gpt2" in imported("hellaswag_eval.py") and "train_gpt2" not in imported("prepare_fineweb.py")
+    ours = {os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(ROOT, "*.py"))
+            + glob.glob(os.path.join(ROOT, "benchmarks", "*.py"))} - {"train_gpt2"}
+    assert {"sample", "export_hf", "hellaswag_eval", "prepare_fineweb", "gpt2_tokens", "bench_step"} <= ours
+    assert not imported("train_gpt2.py") & ours
+    for helper in ("hellaswag_eval.py", "sample.py", "export_hf.py", os.path.join("benchmarks", "bench_step.py")):
+        assert "train_gpt2" in imported(helper), helper
+    assert "train_gpt2" not in imported("prepare_fineweb.py")
 
 
 @pytest.mark.parametrize("args", [["--help"], TINY + ["--model", "d99", "--data_dir", "missing"],
