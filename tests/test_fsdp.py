@@ -1,9 +1,11 @@
 """Under torchrun with 2 gloo ranks: --fsdp (FSDP2 fully_shard) gives the same run as DDP, resumable and exportable;
+a DDP run stopped on 2 ranks, resumed on 1 process and then on 2 ranks again ends where the uninterrupted run ends;
 DDP and FSDP under --compile give the eager run's losses; FSDP's gather dtype and fp16 loss scaling; one all-reduce
 per DDP step."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -41,6 +43,25 @@ def runs(tmp_path_factory):
     for name, r in results.items():
         assert r.returncode == 0, f"{name}: {r.stderr[-3000:]}"
     return out, results
+
+
+@pytest.fixture(scope="module")
+def resized_runs(runs):
+    """The DDP run of `runs` again, with the world size changed at each resume: stopped at step 2 on 2 ranks, resumed
+    on 1 process (twice the micro-steps, the same global batch) and stopped at step 3, resumed on 2 ranks to step 4.
+    `runs`' "ddp" run is the uninterrupted reference."""
+    out, _ = runs
+    root = os.path.dirname(out["ddp"])
+    resized = os.path.join(root, "resized")
+    common = FSDP_RUN + ["--data_dir", os.path.join(root, "shards"), "--out_dir", resized]
+    results = {
+        "stop": run_cli(common + ["--stop_at_step", "2"], torchrun_procs=2),
+        "one": run_cli(common + ["--resume", "auto", "--stop_at_step", "3"]),
+        "two": run_cli(common + ["--resume", "auto"], torchrun_procs=2),
+    }
+    for name, r in results.items():
+        assert r.returncode == 0, f"{name}: {r.stderr[-3000:]}"
+    return resized, results
 
 
 def test_fsdp_gives_the_losses_and_weights_of_ddp(runs):
@@ -104,6 +125,49 @@ def test_fsdp_checkpoint_is_whole_and_resumes_bit_identically(runs):
     keys = ("step", "train_loss", "val_loss", "grad_norm")
     assert [[r.get(k) for k in keys] for r in read_log(out["fsdp"])] == \
            [[r.get(k) for k in keys] for r in read_log(out["split"])]
+
+
+def test_a_ddp_run_resumed_on_another_world_size_ends_where_the_uninterrupted_run_ends(runs, resized_runs):
+    out, _ = runs
+    resized, results = resized_runs
+    assert [re.findall(r"world size (\d+)", results[name].stdout) for name in ("stop", "one", "two")] == \
+           [["2"], ["1"], ["2"]]
+    assert "4 micro-steps" in results["one"].stdout and "2 micro-steps" in results["two"].stdout
+    # the random state is per rank: a checkpoint of another world size is reseeded from (seed, step, rank)
+    assert "checkpoint was written by 2 ranks, this run has 1: reseeding" in results["one"].stdout
+    assert "checkpoint was written by 1 ranks, this run has 2: reseeding" in results["two"].stdout
+    assert "reseeding" not in results["stop"].stdout
+    assert f"resumed from {os.path.join(resized, 'ckpt_0000002.pt')} at step 2" in results["one"].stdout
+    assert f"resumed from {os.path.join(resized, 'ckpt_0000003.pt')} at step 3" in results["two"].stdout
+    log_whole, log_resized = read_log(out["ddp"]), read_log(resized)
+    assert [r["step"] for r in log_resized] == [r["step"] for r in log_whole] == [0, 1, 2, 3, 4]
+    for a, b in zip(log_whole, log_resized, strict=True):
+        # 1 process adds its 4 micro-steps' gradients where 2 ranks all-reduce 2 each: fp32 rounding only
+        for key, rel in (("train_loss", 1e-5), ("val_loss", 1e-5), ("grad_norm", 1e-3)):
+            assert (key in a) == (key in b), (a["step"], key)
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=rel), (a["step"], key)
+    assert [r["step"] for r in log_resized if "train_loss" in r] == [1, 2, 3, 4]
+    whole = torch.load(os.path.join(out["ddp"], "ckpt_0000004.pt"), map_location="cpu", weights_only=True)
+    ours = torch.load(os.path.join(resized, "ckpt_0000004.pt"), map_location="cpu", weights_only=True)
+    assert ours["step"] == whole["step"] == 4 and ours["loader"] == whole["loader"]
+    assert whole["model"].keys() == ours["model"].keys()
+    for k in whole["model"]:
+        torch.testing.assert_close(ours["model"][k], whole["model"][k], rtol=0, atol=5e-6)
+    for theirs, mine in zip(whole["optimizer"], ours["optimizer"], strict=True):
+        assert mine["param_groups"] == theirs["param_groups"]
+        assert mine["state"].keys() == theirs["state"].keys()
+        for i, state in theirs["state"].items():
+            assert mine["state"][i].keys() == state.keys() == {"step", "exp_avg", "exp_avg_sq"}
+            torch.testing.assert_close(mine["state"][i]["step"], state["step"], rtol=0, atol=0)
+            # The moments are of gradients (up to 8e-3) and their squares (up to 2e-4, most entries far smaller):
+            # a weight's 5e-6 would pass nearly any exp_avg_sq, and an element-wise rtol fails where a gradient is ~0
+            # and rounding is all that is left of it. So 1e-5 of the tensor's largest entry, the losses' rel 1e-5;
+            # the rounding seen here is under 5e-7 of it, a 1% higher lr for step 3 alone moves them by 5e-3 of it.
+            for key in ("exp_avg", "exp_avg_sq"):
+                scale = state[key].abs().max().item()
+                torch.testing.assert_close(mine["state"][i][key], state[key], rtol=0, atol=1e-5 * scale,
+                                           msg=lambda m, i=i, key=key: f"parameter {i} {key}: {m}")
 
 
 def test_fsdp_checkpoint_exports_and_loads_without_fsdp(runs, tmp_path):
