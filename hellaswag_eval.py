@@ -57,10 +57,24 @@ from typing import Callable, Sequence
 
 import torch
 
-from train_gpt2 import (GPT2_VOCAB_SIZE, HELLASWAG_BATCH_SIZE, HELLASWAG_ENDINGS, HELLASWAG_FILENAME, UserError,
-                        atomic_write, context_length, evaluate_hellaswag, get_tokenizer, hellaswag_batches,
-                        hellaswag_cache_file, hellaswag_chars, read_hellaswag, resolve_device, resolve_dtype,
-                        score_hellaswag_batch)
+from train_gpt2 import (
+    GPT2_VOCAB_SIZE,
+    HELLASWAG_BATCH_SIZE,
+    HELLASWAG_ENDINGS,
+    HELLASWAG_FILENAME,
+    UserError,
+    atomic_write,
+    context_length,
+    evaluate_hellaswag,
+    get_tokenizer,
+    hellaswag_batches,
+    hellaswag_cache_file,
+    hellaswag_chars,
+    read_hellaswag,
+    resolve_device,
+    resolve_dtype,
+    score_hellaswag_batch,
+)
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 TEXTS = ("raw", "lm_eval")  # the text that is scored: the file's ctx and endings as they are, or lm_eval_text's
@@ -98,7 +112,8 @@ def download_val(dest: str | None = None, url: str | None = None) -> str:
     except (urllib.error.URLError, OSError, ValueError) as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise UserError(f"could not download HellaSwag from {url} ({getattr(e, 'reason', None) or e}); {hint}") from None
+        reason = getattr(e, "reason", None) or e
+        raise UserError(f"could not download HellaSwag from {url} ({reason}); {hint}") from None
     try:
         got = os.path.getsize(tmp)
         if expected is not None and got != int(expected):
@@ -286,7 +301,8 @@ def _load_hf(name: str, device: str):
     if tokenize is not None:
         vocab = None  # the model's own vocabulary: use every logit
     elif model.config.vocab_size < GPT2_VOCAB_SIZE:
-        raise UserError(f"{name} has a vocabulary of {model.config.vocab_size} tokens and no tokenizer; GPT-2 BPE needs {GPT2_VOCAB_SIZE}")
+        raise UserError(f"{name} has a vocabulary of {model.config.vocab_size} tokens and no tokenizer; "
+                        f"GPT-2 BPE needs {GPT2_VOCAB_SIZE}")
 
     def model_fn(idx):
         return model(input_ids=idx, use_cache=False).logits
@@ -372,7 +388,8 @@ def plot_runs(out_dirs: Sequence[str], png_path: str) -> dict:
     if loss_values:
         # the first steps (loss ~11) would flatten everything else: cap the axis a little above the typical values
         ordered = sorted(loss_values)
-        top = max(min(ordered[int(0.9 * (len(ordered) - 1))] * 1.15, ordered[-1] + 0.2), GPT2_124M_FINEWEB_VAL_LOSS + 0.3)
+        typical = min(ordered[int(0.9 * (len(ordered) - 1))] * 1.15, ordered[-1] + 0.2)
+        top = max(typical, GPT2_124M_FINEWEB_VAL_LOSS + 0.3)
         bottom = min(ordered[0], GPT2_124M_FINEWEB_VAL_LOSS) - 0.2
         ax_loss.set_ylim(max(0.0, bottom), top)
     ax_loss.set_xlabel("step")
@@ -390,7 +407,8 @@ def plot_runs(out_dirs: Sequence[str], png_path: str) -> dict:
     ax_hs.grid(alpha=0.3)
     ax_hs.legend(fontsize=8)
     if not any(s["hellaswag_acc_norm"] for s in summary.values()):
-        ax_hs.text(0.5, 0.5, "no HellaSwag evaluations in the log(s)", transform=ax_hs.transAxes, ha="center", color="gray")
+        ax_hs.text(0.5, 0.5, "no HellaSwag evaluations in the log(s)", transform=ax_hs.transAxes, ha="center",
+                   color="gray")
 
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
@@ -446,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "trainer's --hellaswag_every reads by default), and exit")
     p.add_argument("--plot", nargs="+", metavar="OUT_DIR",
                    help="instead of evaluating: plot <OUT_DIR>/log.jsonl of one or more training runs")
-    p.add_argument("--png", default="runs.png", metavar="FILE.png", help="where --plot writes its picture (default runs.png)")
+    p.add_argument("--png", default="runs.png", metavar="FILE.png",
+                   help="where --plot writes its picture (default runs.png)")
     return p
 
 

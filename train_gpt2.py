@@ -356,6 +356,7 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropou
     weights = torch.where(allowed, scores, float("-inf")).softmax(dim=-1)
     return F.dropout(weights, dropout_p).to(v.dtype) @ v
 
+
 def gelu_tanh_via_sigmoid(x: torch.Tensor) -> torch.Tensor:
     """GPT-2's GELU, 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3), written as x sigmoid(2u): the same
     function (1 + tanh(u) = 2 sigmoid(2u)), for Inductor's C++ kernels, which compute an exp several times faster
@@ -364,7 +365,8 @@ def gelu_tanh_via_sigmoid(x: torch.Tensor) -> torch.Tensor:
     return (z * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (z + 0.044715 * z * z * z))).to(x.dtype)
 
 
-LOSS_CHUNK_ROWS = 1024  # positions per chunk: 200 MB of fp32 logits at GPT-2's vocabulary, large enough for fast matmuls
+# positions per chunk: 200 MB of fp32 logits at GPT-2's vocabulary, enough rows for fast matmuls
+LOSS_CHUNK_ROWS = 1024
 # A CPU has memory to spare and a last-level cache of hundreds of MB: fewer, larger chunks are faster there
 LOSS_CHUNK_ROWS_CPU = 2048
 
@@ -542,7 +544,6 @@ class KVCache:
         self.k[layer][:, :, self.pos:end] = k
         self.v[layer][:, :, self.pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
 
 
 class CausalSelfAttention(nn.Module):
@@ -823,8 +824,9 @@ def hf_layout(config: GPTConfig) -> str:
 
 
 def hf_weight_map(config: GPTConfig) -> list[tuple[str, str, slice | None, bool]]:
-    """(Hugging Face name, our name, our rows, transposed) for every exported tensor: one table for export and import.
-    Rows cut the vocabulary back to its real size and split our fused matmuls (c_attn = q|k|v, swiglu c_fc = gate|up)."""
+    """(Hugging Face name, our name, our rows, transposed) for every exported tensor: one table for export and
+    import. Rows cut the vocabulary back to its real size and split our fused matmuls (c_attn = q|k|v, swiglu
+    c_fc = gate|up)."""
     vocab = slice(0, config.vocab_size)
     if hf_layout(config) == "gpt2":
         # HF GPT-2 keeps these as Conv1D, i.e. (in, out): transposed relative to nn.Linear
@@ -913,7 +915,8 @@ def get_tokenizer():
     from tiktoken.load import load_tiktoken_bpe
 
     if not os.path.exists(BPE_RANKS_PATH):
-        raise UserError(f"GPT-2 BPE ranks not found at {BPE_RANKS_PATH}; restore data/gpt2.tiktoken from the repository")
+        raise UserError(f"GPT-2 BPE ranks not found at {BPE_RANKS_PATH}; restore data/gpt2.tiktoken from the "
+                        "repository")
     return tiktoken.Encoding(
         name="gpt2",
         pat_str=GPT2_SPLIT_PATTERN,
@@ -940,15 +943,18 @@ def read_shard(path: str) -> np.ndarray:
         return tokens
     size = os.path.getsize(path)
     if size < HEADER_BYTES:
-        raise UserError(f"shard {path} is {size} bytes, shorter than the {HEADER_BYTES}-byte header; regenerate it with prepare_fineweb.py")
+        raise UserError(f"shard {path} is {size} bytes, shorter than the {HEADER_BYTES}-byte header; regenerate it "
+                        "with prepare_fineweb.py")
     header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
     if header[0] != SHARD_MAGIC:
-        raise UserError(f"shard {path} has magic {header[0]}, expected {SHARD_MAGIC}: not an llm.c token shard; regenerate it with prepare_fineweb.py")
+        raise UserError(f"shard {path} has magic {header[0]}, expected {SHARD_MAGIC}: not an llm.c token shard; "
+                        "regenerate it with prepare_fineweb.py")
     if header[1] != SHARD_VERSION:
         raise UserError(f"shard {path} has version {header[1]}, expected {SHARD_VERSION} (uint16 GPT-2 tokens)")
     n_tokens = int(header[2])
     if size != HEADER_BYTES + 2 * n_tokens:
-        raise UserError(f"shard {path} is truncated or padded: its header says {n_tokens} tokens but the file holds {(size - HEADER_BYTES) / 2:.0f}; regenerate it")
+        raise UserError(f"shard {path} is truncated or padded: its header says {n_tokens} tokens but the file holds "
+                        f"{(size - HEADER_BYTES) / 2:.0f}; regenerate it")
     return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
 
 
@@ -1377,7 +1383,8 @@ def _hellaswag_record(line: str, where: str) -> dict:
     endings = record["endings"]
     if not isinstance(record["ctx"], str):
         raise UserError(f"{where}: ctx must be a string")
-    if not (isinstance(endings, list) and len(endings) == HELLASWAG_ENDINGS and all(isinstance(e, str) for e in endings)):
+    strings = isinstance(endings, list) and all(isinstance(e, str) for e in endings)
+    if not strings or len(endings) != HELLASWAG_ENDINGS:
         raise UserError(f"{where}: endings must be a list of {HELLASWAG_ENDINGS} strings")
     return dict(record, label=hellaswag_label(record["label"], where))
 
@@ -1434,7 +1441,7 @@ def hellaswag_item(example: dict, index: int, tokenize, max_len: int) -> HellaSw
     if any(len(e) == 0 for e in endings):
         raise ValueError(f"example {index}: an ending encodes to no tokens, so it cannot be scored")
     if not ctx:
-        raise ValueError(f"example {index}: the context encodes to no tokens, so the first ending token cannot be scored")
+        raise ValueError(f"example {index}: the context encodes to no tokens: nothing predicts the first ending token")
     longest = max(len(e) for e in endings)
     keep = max_len + 1 - longest  # the model reads len(ctx) + len(ending) - 1 tokens
     if keep < 1:
@@ -1503,7 +1510,8 @@ def score_hellaswag_batch(model_fn, items: list[HellaSwagItem], device, autocast
     with torch.no_grad(), amp_ctx:
         logits = logits_of(model_fn(idx))
         if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(idx.shape):
-            raise ValueError(f"model_fn returned logits of shape {tuple(logits.shape)} for input {tuple(idx.shape)}; expected (B, T, V)")
+            raise ValueError(f"model_fn returned logits of shape {tuple(logits.shape)} for input "
+                             f"{tuple(idx.shape)}; expected (B, T, V)")
         picked = logits[mask]  # (N, V): only the positions that predict ending tokens
         if vocab_size is not None:
             if picked.size(-1) < vocab_size:
@@ -1673,7 +1681,8 @@ def load_checkpoint(path: str) -> dict:
         # the ranks of a node share one copy of the file instead of each holding all of it (19 GB for gpt2-xl)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated, corrupt or foreign files all fail here, in many different ways
-        raise UserError(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        detail = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        raise UserError(f"checkpoint '{path}' cannot be read ({detail})") from None
 
 
 def find_resume_checkpoint(out_dir: str, resume: str | None) -> tuple[str | None, dict | None]:
@@ -1834,7 +1843,8 @@ def resolve_settings(flags: dict, explicit: tuple[str, ...] = (), saved: dict | 
         print0(f"--epochs {settings.epochs} of {train_tokens:,} tokens = {max_steps} steps")
     else:
         max_steps = settings.max_steps or DEFAULT_MAX_STEPS
-    settings = replace(settings, max_steps=max_steps, **(recipe_fractions(recipe, max_steps, explicit) if recipe else {}))
+    fractions = recipe_fractions(recipe, max_steps, explicit) if recipe else {}
+    settings = replace(settings, max_steps=max_steps, **fractions)
     if settings.warmup_steps > settings.max_steps:
         raise UserError(f"--warmup_steps {settings.warmup_steps} is longer than --max_steps {settings.max_steps}: the "
                         "learning rate would never reach --lr; lower --warmup_steps")
@@ -2096,7 +2106,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 matmuls autocast leaves
             torch.backends.cudnn.allow_tf32 = True
-        self.amp_ctx = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
+        self.amp_ctx = nullcontext() if self.dtype == torch.float32 else torch.autocast(self.device.type, self.dtype)
 
     def build(self, pretrained: GPT | None, weights: dict | None) -> None:
         """Model and optimisers: identical init on every rank from --seed (or the checkpoint's weights, loaded
@@ -2170,9 +2180,10 @@ class Trainer:
                f"{optimizer_names}")
         if s.recipe:
             recipe = RECIPES[s.recipe]
+            named = [*recipe["flags"], *recipe["fractions"]]
             resolved = " ".join(f"--{flag} {getattr(s, flag):.4g}" if isinstance(getattr(s, flag), float)
-                                else f"--{flag} {getattr(s, flag)}" for flag in [*recipe["flags"], *recipe["fractions"]])
-            given = " ".join(f"--{flag}" for flag in s.explicit if flag in recipe["flags"] or flag in recipe["fractions"])
+                                else f"--{flag} {getattr(s, flag)}" for flag in named)
+            given = " ".join(f"--{flag}" for flag in s.explicit if flag in named)
             print0(f"recipe {s.recipe}: {resolved}" + (f" (given on the command line: {given})" if given else ""))
         loader = self.train_loader
         if loader.rows is not None:
@@ -2261,11 +2272,12 @@ class Trainer:
         if self.peak_is_probed and self.peak_flops:
             self.peak_flops = max(self.peak_flops, self.flops_per_step / dt / self.world_size)
         mfu = self.flops_per_step / dt / (self.peak_flops * self.world_size) if self.peak_flops else None
-        record = {"step": self.step, "train_loss": train_loss, **({"lr": s.lr * lr_scale} if "lr" in self.lr_flags else {}),
-                  "lr_scale": lr_scale, "grad_norm": grad_norm, "tokens": self.step * self.tokens_per_step,
-                  "dt_ms": 1000 * dt, "tok_per_s": self.tokens_per_step / dt, "mfu": mfu}
-        lr = f"lr {s.lr * lr_scale:.2e}" if self.lr_flags == {"lr"} else f"lr x{lr_scale:.3f}"
-        print0(f"step {self.step:5d}/{s.max_steps} | loss {train_loss:.4f} | {lr} | "
+        lr = {"lr": s.lr * lr_scale} if "lr" in self.lr_flags else {}
+        record = {"step": self.step, "train_loss": train_loss, **lr, "lr_scale": lr_scale, "grad_norm": grad_norm,
+                  "tokens": self.step * self.tokens_per_step, "dt_ms": 1000 * dt,
+                  "tok_per_s": self.tokens_per_step / dt, "mfu": mfu}
+        lr_text = f"lr {s.lr * lr_scale:.2e}" if self.lr_flags == {"lr"} else f"lr x{lr_scale:.3f}"
+        print0(f"step {self.step:5d}/{s.max_steps} | loss {train_loss:.4f} | {lr_text} | "
                f"norm {grad_norm:.3f} | {1000 * dt:.1f} ms | {record['tok_per_s']:,.0f} tok/s"
                + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""))
         return record
@@ -2437,10 +2449,11 @@ def out_of_memory_message(e: torch.OutOfMemoryError, flags: dict) -> str:
     where = f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""
     detail = ", ".join(part for part in (asked and f"asked for {asked.group(1)} more",
                                          total and f"{total.group(1)} on the device") if part)
+    model = flags["init_from"] or flags["model"]
     return (f"out of memory{where} at --batch_size {flags['batch_size']} x --seq_len {flags['seq_len']} with --model "
-            f"{flags['init_from'] or flags['model']}{f' ({detail})' if detail else ''}: lower --batch_size (--total_batch_size "
-            "stays the same, with more micro-steps), or add --activation_checkpointing or --fsdp; the README's memory "
-            "table (python benchmarks/memory_table.py) gives what each model needs")
+            f"{model}{f' ({detail})' if detail else ''}: lower --batch_size (--total_batch_size stays the same, with "
+            "more micro-steps), or add --activation_checkpointing or --fsdp; the README's memory table (python "
+            "benchmarks/memory_table.py) gives what each model needs")
 
 
 def main(argv: list[str] | None = None) -> None:

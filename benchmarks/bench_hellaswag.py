@@ -56,7 +56,8 @@ def main() -> None:
     base = H.load_examples(args.data_file)
     examples = [base[i % len(base)] for i in range(args.n)]
     print(f"model {name}, {model.num_params():,} parameters | {len(examples)} examples from {args.data_file} | "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
 
     print(f"{'dtype':>14} {'examples/forward':>17} {'forwards':>9} {'examples/s':>11} {'acc_norm':>9}")

@@ -40,7 +40,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternations of the optimizers")
     p.add_argument("--steps", type=int, default=4, help="timed steps per optimizer and round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each timing")
-    p.add_argument("--total_batch_size", type=int, default=524288, help="tokens per optimizer step, for the last column")
+    p.add_argument("--total_batch_size", type=int, default=524288,
+                   help="tokens per optimizer step, for the last column")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (not the optimizers)")
     p.add_argument("--device", default="cpu", help="device to time on")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],

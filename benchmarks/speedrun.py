@@ -2,7 +2,7 @@
 The classic GPT-2 recipe against --recipe speedrun at equal tokens, then the speedrun with each of its pieces taken
 out in turn. Same preset, seed, data and batch for every run; only the recipe flags differ.
 
-  python prepare_fineweb.py --sample && python benchmarks/speedrun.py              # d4 and d6, 110 steps of 4,096 tokens
+  python prepare_fineweb.py --sample && python benchmarks/speedrun.py      # d4 and d6, 110 steps of 4,096 tokens
   python benchmarks/speedrun.py --models d4 --no-ablation                          # the comparison only
   python benchmarks/speedrun.py --data_dir data/mine --models d4                   # another corpus
 

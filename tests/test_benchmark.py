@@ -70,7 +70,8 @@ def test_peak_rss_sees_an_allocation_made_inside_the_block():
 
 
 def test_mfu_shares_one_peak_per_dtype_and_never_exceeds_one(monkeypatch):
-    monkeypatch.setattr(tg, "device_peak_flops", lambda device, dtype, override: 100.0 if override is None else override * 1e12)
+    monkeypatch.setattr(tg, "device_peak_flops",
+                        lambda device, dtype, override: 100.0 if override is None else override * 1e12)
     rows = [{"dtype": torch.float32, "flops_per_s": f} for f in (50.0, 150.0, 75.0)]
     bench_step.add_mfu(rows, torch.device("cpu"), None)
     assert [r["mfu"] for r in rows] == [50.0 / 150.0, 1.0, 75.0 / 150.0]  # the probe is raised to the best row

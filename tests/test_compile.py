@@ -20,12 +20,12 @@ import traceback
 import numpy as np
 import pytest
 import torch
+from test_speedrun import document_shards
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_gpt2 as tg
 from test_options import cli, kept_global_state, ok
-from test_speedrun import document_shards
 
 # d2's depth at a quarter of its width, 4 heads of 16; 2 micro-steps of 4 x 32 tokens per optimizer step. The
 # evaluation, sampling and periodic checkpoints are off: only the final save (after the last step) happens.

@@ -226,5 +226,6 @@ def test_empty_data_dir(tmp_path):
     (tmp_path / "empty").mkdir()
     r = run_cli(RUN + ["--data_dir", str(tmp_path / "empty"), "--out_dir", str(tmp_path / "o")])
     lines = r.stderr.strip().splitlines()
-    assert r.returncode != 0 and len(lines) == 1 and "no 'train' shards" in lines[0] and "prepare_fineweb.py" in lines[0]
+    assert r.returncode != 0 and len(lines) == 1
+    assert "no 'train' shards" in lines[0] and "prepare_fineweb.py" in lines[0]
     assert not (tmp_path / "o").exists()

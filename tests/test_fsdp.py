@@ -216,7 +216,8 @@ config = tg.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=
 model = tg.GPT(config)
 tg.shard_model(model, torch.device("cpu"), 2, dtype, compile_blocks=False)
 seen = {}
-model.transformer.h[0].attn.c_attn.register_forward_pre_hook(lambda m, a: seen.setdefault("block", str(m.weight.dtype)) and None)
+model.transformer.h[0].attn.c_attn.register_forward_pre_hook(
+    lambda m, a: seen.setdefault("block", str(m.weight.dtype)) and None)
 model.transformer.wte.register_forward_pre_hook(lambda m, a: seen.setdefault("root", str(m.weight.dtype)) and None)
 scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)  # as the Trainer makes it
 optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)

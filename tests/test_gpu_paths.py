@@ -14,7 +14,6 @@ import torch
 import train_gpt2 as tg
 from test_train import ROOT, TINY, make_shards
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # RNG state: this process's GPU only
 

@@ -84,7 +84,8 @@ def reference_scores(model, examples, max_len=None):
 
 
 def accuracy(scores, labels):
-    return sum(int(min(range(4), key=lambda i: row[i]) == lab) for row, lab in zip(scores.tolist(), labels)) / len(labels)
+    picked = [min(range(4), key=lambda i: row[i]) for row in scores.tolist()]
+    return sum(int(p == lab) for p, lab in zip(picked, labels)) / len(labels)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -285,7 +286,8 @@ class BigramStub:
 
 def test_rigged_model_gets_exactly_the_expected_accuracy():
     examples = H.load_examples(SAMPLE)
-    tokens = [(enc().encode_ordinary(ex["ctx"]), [enc().encode_ordinary(" " + e) for e in ex["endings"]]) for ex in examples]
+    tokens = [(enc().encode_ordinary(ex["ctx"]), [enc().encode_ordinary(" " + e) for e in ex["endings"]])
+              for ex in examples]
     # favour the label for even examples and the next ending for odd ones; every third example strongly
     boost: dict[int, dict[int, float]] = {}
     for i, (ex, (ctx, ends)) in enumerate(zip(examples, tokens)):
@@ -420,7 +422,8 @@ def _free_port():
 
 def _ddp_worker(rank, world_size, port, cases, out_dir):
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world_size)
     try:
         model = tiny_gpt(seed=5)
         examples = H.load_examples(SAMPLE)
@@ -556,7 +559,8 @@ def test_hf_model_with_its_own_tokenizer(tmp_path, capsys):
         means.append(m_row)
     labels = [ex["label"] for ex in examples]
     out = tmp_path / "r.json"
-    assert H.main(["--hf_model", str(d), "--data_file", SAMPLE, "--dtype", "fp32", "--no_progress", "--out", str(out)]) == 0
+    argv = ["--hf_model", str(d), "--data_file", SAMPLE, "--dtype", "fp32", "--no_progress", "--out", str(out)]
+    assert H.main(argv) == 0
     saved = json.loads(out.read_text())
     assert saved["acc"] == accuracy(torch.tensor(sums), labels)
     assert saved["acc_norm"] == accuracy(torch.tensor(means), labels)
@@ -637,7 +641,8 @@ def test_plot_overlays_runs(tmp_path, capsys):
     png = tmp_path / "out" / "runs.png"
     summary = H.plot_runs([str(tmp_path / n) for n in runs], str(png))
     for name, rows in runs.items():
-        expect = {key: sum(1 for r in rows if isinstance(r.get(key), float)) for key in ("train_loss", "val_loss", "hellaswag_acc_norm")}
+        expect = {key: sum(1 for r in rows if isinstance(r.get(key), float))
+                  for key in ("train_loss", "val_loss", "hellaswag_acc_norm")}
         assert summary[name] == expect
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     height, width = matplotlib.image.imread(str(png)).shape[:2]

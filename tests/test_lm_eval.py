@@ -82,6 +82,7 @@ def cli_args(model_dir, task_dir, out_dir, custom=False) -> list[str]:
             str(task_dir), "--tasks", "hellaswag_local", "--device", "cpu", "--batch_size", "8",
             "--output_path", str(out_dir)]
 
+
 # lm_eval.simple_evaluate in a fresh process: the offline switches are read when huggingface_hub and datasets are
 # first imported, which in this process may already have happened
 SIMPLE_EVALUATE = """

@@ -35,6 +35,7 @@ def configure_optimizer(model, lr, weight_decay, device_type):
     """AdamW over the whole model, as the trainer builds it for --optimizer adamw."""
     return adamw(list(model.parameters()), lr, weight_decay, device_type)
 
+
 V, VP = 300, 320  # a small vocabulary and its padded size: the model never predicts ids in [V, VP)
 GPT2_SMALL_PARAMS = 124_439_808  # GPT-2 small (124M) as released and as Hugging Face counts it, embeddings tied
 

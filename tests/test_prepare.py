@@ -429,7 +429,10 @@ def test_resume_mid_document_and_after_max_tokens(corpus, reference, tmp_path, c
     state = json.loads((out / "prep_state.json").read_text())
     bounds = np.cumsum([s["tokens"] for s in state["shards"]])
     doc_starts = np.cumsum([0] + corpus["lengths"])
-    doc_of = lambda t: int(np.searchsorted(doc_starts, t, side="right")) - 1  # the document holding token t
+
+    def doc_of(t):  # the document holding token t
+        return int(np.searchsorted(doc_starts, t, side="right")) - 1
+
     mid = next(i for i in range(1, len(bounds) - 1)
                if doc_of(bounds[i - 1]) == doc_of(bounds[i]) and bounds[i - 1] != doc_starts[doc_of(bounds[i - 1])])
     doc = doc_of(bounds[mid - 1])

@@ -446,7 +446,7 @@ def test_forked_cli_run_is_what_a_fresh_interpreter_gives(args):
 def test_fsdp_modules_are_imported_only_by_fsdp():
     """torch.distributed.tensor and .fsdp add 1.5 s to every start on a 2-core CPU; only --fsdp imports them (the
     FSDP tests show that the shards are still recognised)."""
-    code = ("import sys, train_gpt2; "
-            "print(sorted(m for m in sys.modules if m.startswith(('torch.distributed.tensor', 'torch.distributed.fsdp'))))")
+    code = ("import sys, train_gpt2; print(sorted(m for m in sys.modules "
+            "if m.startswith(('torch.distributed.tensor', 'torch.distributed.fsdp'))))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
