@@ -1,8 +1,9 @@
 """
 Pretrain GPT-2 (124M ... 1.5B, plus small CPU presets) from uint16 token shards.
 
-One file, read top to bottom:
-  config -> model -> data -> optimizer/schedule -> evaluation -> checkpoint -> train loop -> CLI
+One file holding what a training run executes, read top to bottom (each section uses only those above it):
+  config -> kernels -> model -> data -> optimizer/schedule -> evaluation -> checkpoint -> train loop -> CLI
+The other commands are scripts beside it that import it: sample.py, export_hf.py, hellaswag_eval.py, benchmarks/.
 
   python train_gpt2.py --model d6 --data_dir data/gutenberg           # one CPU or one GPU
   torchrun --standalone --nproc_per_node 8 train_gpt2.py --model gpt2   # DDP on one node
@@ -78,6 +79,63 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but this torch sees no CUDA GPU; use --device cpu or auto")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for but MPS is not available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run in hardware. A CPU without AVX512-BF16 or AMX emulates them far slower than fp32."""
+    if device.type == "cuda":
+        # Ampere (compute capability 8.0) and later, or ROCm. By default is_bf16_supported() also says yes where
+        # bf16 is only emulated (V100, T4): slow matmuls and SDPA's math kernel, where fp16 runs on tensor cores.
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return any(getattr(torch.cpu, probe, lambda: False)()
+                   for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    try:  # MPS has bf16 only on recent macOS; a tiny matmul is the reliable test
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)
+        return True
+    except RuntimeError:
+        return False
+
+
+def fast_matmul_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the device computes it natively, else fp32: the precision of Muon's iterations."""
+    return torch.bfloat16 if native_bf16(device) else torch.float32
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 where the hardware has it (recent GPUs and CPUs), else fp16 on CUDA (with a GradScaler), else fp32."""
+    if name == "auto":
+        name = "bf16" if native_bf16(device) else "fp16" if device.type == "cuda" else "fp32"
+    elif name == "bf16" and not native_bf16(device):
+        if device.type == "cpu":
+            print0("warning: this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 is emulated and much slower than "
+                   "fp32")
+        elif device.type == "cuda":
+            print0("warning: this GPU has no native bf16 (compute capability 8.0 or later): bf16 is emulated and much "
+                   "slower than --dtype fp16, which --dtype auto picks here")
+        else:
+            raise UserError(f"--dtype bf16 is not supported on this {device.type} device; use --dtype fp16 or fp32")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def resolve_compile(flag: bool | None, device: torch.device) -> bool:
+    """--compile / --no-compile as given; unset, on for CUDA only (on a CPU the compile time rarely pays back in a
+    short run)."""
+    return device.type == "cuda" if flag is None else flag
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1766,64 +1824,7 @@ def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# train loop: devices and dtypes, the checks of a run's inputs, then the Trainer, whose methods are the run's parts
-
-
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but this torch sees no CUDA GPU; use --device cpu or auto")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps was asked for but MPS is not available; use --device cpu or auto")
-    return torch.device(name)
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls run in hardware. A CPU without AVX512-BF16 or AMX emulates them far slower than fp32."""
-    if device.type == "cuda":
-        # Ampere (compute capability 8.0) and later, or ROCm. By default is_bf16_supported() also says yes where
-        # bf16 is only emulated (V100, T4): slow matmuls and SDPA's math kernel, where fp16 runs on tensor cores.
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu":
-        return any(getattr(torch.cpu, probe, lambda: False)()
-                   for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    try:  # MPS has bf16 only on recent macOS; a tiny matmul is the reliable test
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)
-        return True
-    except RuntimeError:
-        return False
-
-
-def fast_matmul_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the device computes it natively, else fp32: the precision of Muon's iterations."""
-    return torch.bfloat16 if native_bf16(device) else torch.float32
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 where the hardware has it (recent GPUs and CPUs), else fp16 on CUDA (with a GradScaler), else fp32."""
-    if name == "auto":
-        name = "bf16" if native_bf16(device) else "fp16" if device.type == "cuda" else "fp32"
-    elif name == "bf16" and not native_bf16(device):
-        if device.type == "cpu":
-            print0("warning: this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 is emulated and much slower than "
-                   "fp32")
-        elif device.type == "cuda":
-            print0("warning: this GPU has no native bf16 (compute capability 8.0 or later): bf16 is emulated and much "
-                   "slower than --dtype fp16, which --dtype auto picks here")
-        else:
-            raise UserError(f"--dtype bf16 is not supported on this {device.type} device; use --dtype fp16 or fp32")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-def resolve_compile(flag: bool | None, device: torch.device) -> bool:
-    """--compile / --no-compile as given; unset, on for CUDA only (on a CPU the compile time rarely pays back in a
-    short run)."""
-    return device.type == "cuda" if flag is None else flag
+# train loop: the settings resolved and checked, then the Trainer, whose methods are the run's parts
 
 
 def resolve_settings(flags: dict, explicit: tuple[str, ...] = (), saved: dict | None = None,
