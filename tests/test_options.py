@@ -6,6 +6,7 @@ Most runs call train_gpt2.main in this process (the same code path as the comman
 interpreter each time); one error case and the torchrun case go through real processes."""
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import math
@@ -20,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import export_hf as ex
 import train_gpt2 as tg
 from test_train import TINY, load_weights, make_shards, read_log, run_cli
 
@@ -33,13 +35,14 @@ LOG_KEYS = ("step", "train_loss", "val_loss", "lr", "grad_norm", "tokens")
 # helpers
 
 
-def cli(argv):
-    """train_gpt2.main(argv) in this process: (exit code, stdout, stderr), like a finished subprocess."""
+def cli(argv, main=tg.main):
+    """train_gpt2.main(argv) (or another script's main) in this process: (exit code, stdout, stderr), like a
+    finished subprocess."""
     out, err = io.StringIO(), io.StringIO()
     code = 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            tg.main([str(a) for a in argv])
+            main([str(a) for a in argv])
         except SystemExit as e:
             code = e.code
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
@@ -561,15 +564,55 @@ def test_sample_only_int8_reports_consistent_numbers(data, base_run, tmp_path):
 @pytest.mark.parametrize("flags, fragments", [
     (["--int8", "--max_steps", "1"], ["--int8", "--sample_only"]),
     (["--sample_only"], ["--resume", "--init_from"]),
-    (["--export_hf", "EXPORT"], ["--export_hf", "--resume"]),
 ])
 def test_command_flags_without_what_they_need(data, tmp_path, flags, fragments):
     out = tmp_path / "o"
-    export = tmp_path / "export"
-    flags = [str(export) if f == "EXPORT" else f for f in flags]
     r = cli(TINY + ["--data_dir", data[0], "--out_dir", str(out)] + flags)
     assert_one_line_error(r, *fragments)
-    assert not out.exists() and not export.exists()
+    assert not out.exists()
+
+
+def save_tiny_checkpoint(path, seed: int) -> tg.GPT:
+    torch.manual_seed(seed)
+    model = tg.GPT(tg.GPTConfig(block_size=16, vocab_size=300, padded_vocab_size=320, n_layer=1, n_head=2, n_embd=32))
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.config), "step": 1}, path)
+    return model
+
+
+@pytest.mark.parametrize("case, fragments", [
+    ("missing_checkpoint", ["missing.pt", "does not exist"]),
+    ("run_without_checkpoints", ["no checkpoint", "checkpoint file"]),
+    ("occupied_out_dir", ["occupied", "already exists"]),
+])
+def test_export_without_what_it_needs(tmp_path, case, fragments):
+    """export_hf.py's bad input: one error line, exit 2, nothing written (the occupied directory left as it was)."""
+    run, occupied = tmp_path / "run", tmp_path / "occupied"
+    run.mkdir()
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("x")
+    save_tiny_checkpoint(run / "ckpt_0000001.pt", seed=0)
+    argv = {"missing_checkpoint": [tmp_path / "missing.pt", tmp_path / "export"],
+            "run_without_checkpoints": [occupied, tmp_path / "export"],
+            "occupied_out_dir": [run / "ckpt_0000001.pt", occupied]}[case]
+    assert_one_line_error(cli(argv, main=ex.main), *fragments)
+    assert sorted(os.listdir(tmp_path)) == ["occupied", "run"]
+    assert os.listdir(occupied) == ["keep.txt"] and os.listdir(run) == ["ckpt_0000001.pt"]
+
+
+def test_export_of_a_run_takes_its_newest_readable_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(ex, "gpt2_tokenizer_files", lambda: {})  # checkpoint choice only: no tokenizer needed
+    run = tmp_path / "run"
+    run.mkdir()
+    save_tiny_checkpoint(run / "ckpt_0000001.pt", seed=1)
+    model = save_tiny_checkpoint(run / "ckpt_0000002.pt", seed=2)
+    (run / "ckpt_0000003.pt").write_bytes(b"cut short")
+    r = ok(cli([run, tmp_path / "hf"], main=ex.main))
+    assert "ckpt_0000003.pt" in r.stdout and "warning" in r.stdout
+    assert f"exported {run / 'ckpt_0000002.pt'} as a Hugging Face gpt2 model to {tmp_path / 'hf'}" in r.stdout
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    exported = safetensors_torch.load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert torch.equal(exported["transformer.wpe.weight"], model.transformer.wpe.weight)
+    assert sorted(os.listdir(tmp_path)) == ["hf", "run"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
