@@ -841,7 +841,7 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_dir: str, dropout: float = 0.0) -> "GPT":
         """Weights from a Hugging Face GPT-2 (hub name gpt2, gpt2-medium, ... or a local directory) or from a Llama
-        directory of the kind --export_hf writes."""
+        directory of the kind export_hf.py writes."""
         try:
             from transformers import AutoConfig, AutoModelForCausalLM
         except ImportError:

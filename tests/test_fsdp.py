@@ -174,7 +174,8 @@ def test_fsdp_checkpoint_exports_and_loads_without_fsdp(runs, tmp_path):
     out, _ = runs
     path = os.path.join(out["fsdp"], "ckpt_0000004.pt")
     export = str(tmp_path / "hf")
-    r = run_cli(["--resume", path, "--export_hf", export])
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "export_hf.py"), path, export], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     ours = tg.load_checkpoint_model(path)
     back = tg.GPT.from_pretrained(export)

@@ -1,4 +1,4 @@
-"""lm-evaluation-harness against hellaswag_eval.py: a model exported with `train_gpt2.py --export_hf` is scored by
+"""lm-evaluation-harness against hellaswag_eval.py: a model exported with `export_hf.py` is scored by
 lm-eval (its Python API and its command line, offline, on local tasks built from the bundled HellaSwag examples)
 and by hellaswag_eval.py from the training checkpoint. The two share no scoring code, no model code and no
 tokenizer code; they must agree on every ending's log-likelihood, hence on acc (lm-eval's acc) and
@@ -28,7 +28,7 @@ import hellaswag_eval as H  # noqa: E402
 import train_gpt2 as tg  # noqa: E402
 
 BUNDLED = os.path.join(ROOT, "tests", "data", "hellaswag_sample.jsonl")
-SCRIPT = os.path.join(ROOT, "train_gpt2.py")
+EXPORT_SCRIPT = os.path.join(ROOT, "export_hf.py")
 README = os.path.join(ROOT, "README.md")
 FP32 = torch.float32
 
@@ -162,7 +162,7 @@ KINDS = {"gpt2": {}, "speedrun": dict(norm="rmsnorm", pos="rope", mlp="relu2", b
 
 @pytest.fixture(scope="module", params=list(KINDS))
 def runs(tmp_path_factory, request):
-    """A checkpoint, its export by train_gpt2.py's command line, and lm-eval's results on it from
+    """A checkpoint, its export by export_hf.py's command line, and lm-eval's results on it from
     simple_evaluate and from the `lm_eval run` command line."""
     root = tmp_path_factory.mktemp("lm_eval")
     data_file = relabelled(root / "hellaswag_sample.jsonl")
@@ -172,7 +172,7 @@ def runs(tmp_path_factory, request):
     ckpt = str(root / "tiny.pt")
     torch.save({"model": model.state_dict(), "config": asdict(model.config), "step": 1}, ckpt)
     export = str(root / "hf")
-    run_all([[sys.executable, SCRIPT, "--resume", ckpt, "--export_hf", export]], env, ROOT)
+    run_all([[sys.executable, EXPORT_SCRIPT, ckpt, export]], env, ROOT)
 
     task_dir = root / "tasks"
     task_dir.mkdir()

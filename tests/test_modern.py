@@ -11,11 +11,15 @@ tiny and fp32.
 
 from __future__ import annotations
 
+import ast
+import builtins
 import functools
 import json
 import math
 import os
+import re
 import subprocess
+import symtable
 import sys
 from dataclasses import asdict
 
@@ -26,12 +30,13 @@ import torch.nn as nn
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import export_hf as ex  # noqa: E402
 import sample  # noqa: E402
 import train_gpt2 as tg  # noqa: E402
 
 V, VP = 300, 320  # small vocabulary and its padded size for the model-only tests
 GPT2_V = 50257
-SCRIPT = os.path.join(REPO, "train_gpt2.py")
+EXPORT_SCRIPT = os.path.join(REPO, "export_hf.py")
 HELLASWAG_SCRIPT = os.path.join(REPO, "hellaswag_eval.py")
 SAMPLE = os.path.join(REPO, "tests", "data", "hellaswag_sample.jsonl")
 CORPUS = os.path.join(REPO, "data", "gutenberg_sample.parquet")
@@ -568,7 +573,7 @@ def gpt2_vocab_model(seed: int, block_size: int = 64, **overrides) -> tg.GPT:
     return randomize_(tg.GPT(config), seed=seed + 100, std=0.1).eval()
 
 
-_gpt2_tokenizer_files = tg.gpt2_tokenizer_files
+_gpt2_tokenizer_files = ex.gpt2_tokenizer_files
 
 
 @functools.lru_cache(maxsize=1)
@@ -582,12 +587,12 @@ def exports(tmp_path_factory):
     out = {}
     # the tokenizer files are the same for every export: recover them from the ranks once for this module
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tg, "gpt2_tokenizer_files", tokenizer_files)
+        mp.setattr(ex, "gpt2_tokenizer_files", tokenizer_files)
         for k, (name, overrides) in enumerate(EXPORTS.items()):
             model = gpt2_vocab_model(seed=40 + k, **overrides)
             parent = tmp_path_factory.mktemp(f"export_{name}")
             target = parent / "model"
-            layout = tg.export_hf(model, str(target))
+            layout = ex.export_hf(model, str(target))
             out[name] = dict(model=model, dir=str(target), parent=str(parent), layout=layout)
     return out
 
@@ -695,7 +700,7 @@ def test_write_safetensors_round_trips_through_the_safetensors_package(tmp_path)
     g = torch.Generator().manual_seed(42)
     tensors = {"a": torch.randn(3, 5, generator=g), "b.c": torch.randn(7, generator=g),
                "scalar_row": torch.randn(1, 1, generator=g), "t": torch.randn(4, 6, generator=g).T}  # non-contiguous
-    tg.write_safetensors(str(tmp_path / "x.safetensors"), tensors)
+    ex.write_safetensors(str(tmp_path / "x.safetensors"), tensors)
     back = safetensors_torch.load_file(str(tmp_path / "x.safetensors"))
     assert back.keys() == tensors.keys()
     assert all(torch.equal(back[k], tensors[k]) for k in tensors)
@@ -776,8 +781,8 @@ def test_mixes_without_a_hugging_face_layout_export_with_their_own_code(override
     transformers = quiet_transformers()
     model = gpt2_vocab_model(seed=47, **overrides)
     assert tg.hf_layout(model.config) == "custom"
-    assert tg.export_hf(model, str(tmp_path / "out")) == "custom"
-    assert set(os.listdir(tmp_path / "out")) == EXPORT_FILES | {f"{tg.HF_REMOTE_MODULE}.py"}
+    assert ex.export_hf(model, str(tmp_path / "out")) == "custom"
+    assert set(os.listdir(tmp_path / "out")) == EXPORT_FILES | {f"{ex.HF_REMOTE_MODULE}.py"}
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), trust_remote_code=True,
                                                                  output_loading_info=True)
     assert not any(info.values())
@@ -797,7 +802,7 @@ def test_existing_directory_is_refused_and_left_alone(tmp_path):
     a_file.write_text("not a directory")
     for target in (occupied, a_file):
         with pytest.raises(tg.UserError, match="already exists"):
-            tg.export_hf(model, str(target))
+            ex.export_hf(model, str(target))
     assert sorted(os.listdir(tmp_path)) == ["a_file", "occupied"]
     assert os.listdir(occupied) == ["notes.txt"] and (occupied / "notes.txt").read_text() == "keep me"
     assert a_file.read_text() == "not a directory"
@@ -805,25 +810,103 @@ def test_existing_directory_is_refused_and_left_alone(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tg, "gpt2_tokenizer_files", tokenizer_files)
-        assert tg.export_hf(model, str(empty)) == "gpt2"
+        mp.setattr(ex, "gpt2_tokenizer_files", tokenizer_files)
+        assert ex.export_hf(model, str(empty)) == "gpt2"
     assert set(os.listdir(empty)) == EXPORT_FILES
     assert sorted(os.listdir(tmp_path)) == ["a_file", "empty", "occupied"]
 
 
 def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
     model = gpt2_vocab_model(seed=45, **LLAMA_STYLE)
-    real = tg.write_safetensors
+    real = ex.write_safetensors
 
     def full_disk(path, tensors):
         real(path, tensors)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(tg, "gpt2_tokenizer_files", tokenizer_files)
-    monkeypatch.setattr(tg, "write_safetensors", full_disk)
+    monkeypatch.setattr(ex, "gpt2_tokenizer_files", tokenizer_files)
+    monkeypatch.setattr(ex, "write_safetensors", full_disk)
     with pytest.raises(OSError, match="No space"):
-        tg.export_hf(model, str(tmp_path / "out"))
+        ex.export_hf(model, str(tmp_path / "out"))
     assert os.listdir(tmp_path) == []
+
+
+# names every module has without defining them
+MODULE_DUNDERS = {"__file__", "__name__", "__doc__", "__spec__", "__loader__", "__package__", "__builtins__"}
+
+
+def undefined_globals(source: str) -> set[str]:
+    """The global names `source` reads (in any scope) that it neither assigns nor imports at module level and that
+    are not builtins: each one a NameError waiting for the code path that reads it."""
+    top = symtable.symtable(source, "modeling", "exec")
+    tables, used, defined = [top], set(), set()
+    while tables:
+        table = tables.pop()
+        tables.extend(table.get_children())
+        for symbol in table.get_symbols():
+            global_here = table is top or symbol.is_global()
+            if global_here and (symbol.is_assigned() or symbol.is_imported()):
+                defined.add(symbol.get_name())  # at module level, or through a `global` statement
+            if global_here and symbol.is_referenced():
+                used.add(symbol.get_name())
+    return used - defined - set(dir(builtins)) - MODULE_DUNDERS
+
+
+def test_custom_modeling_file_defines_every_global_name_it_uses():
+    code = ex.hf_remote_code()
+    assert undefined_globals(code) == set()
+
+
+@pytest.mark.parametrize("pattern, name", [
+    (r"^def softcap\(.*?(?=^\S)", "softcap"),  # a kernel function, up to the next top-level line
+    (r"^SOFTMAX_BLOCK_ROWS = [^\n]*\n", "SOFTMAX_BLOCK_ROWS"),  # a kernels constant
+    (r"^class UserError\(.*?(?=^\S)", "UserError"),  # a preamble class
+], ids=["function", "constant", "preamble"])
+def test_global_name_check_reports_a_removed_definition(pattern, name):
+    code = ex.hf_remote_code()
+    cut = re.sub(pattern, "", code, count=1, flags=re.M | re.S)
+    assert len(cut) < len(code)
+    assert undefined_globals(cut) == {name}
+
+
+def top_level_names(source: str, first_line: int = 1, last_line: int | None = None) -> set[str]:
+    """Names defined by the top-level statements of `source` that start within the given lines (1-based)."""
+    names = set()
+    for node in ast.parse(source).body:
+        if node.lineno < first_line or (last_line is not None and node.lineno > last_line):
+            continue
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return names
+
+
+def test_custom_modeling_file_holds_the_config_kernels_and_model_sections_in_full():
+    """Cut train_gpt2.py at its banners here, independently of export_hf: every one of the three sections is in the
+    modeling file verbatim, and each thing one defines at top level is defined there."""
+    with open(tg.__file__, encoding="utf-8") as f:
+        source = f.read()
+    lines = source.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if re.fullmatch(r"# -+", line.rstrip("\n"))]
+    spans = {re.match(r"# ([^:\n]+)", lines[s + 1]).group(1).strip(): (s, e) for s, e in zip(starts, starts[1:])}
+    code = ex.hf_remote_code()
+    defined = top_level_names(code)
+    expected = set()
+    for name in ("config", "kernels", "model"):
+        start, end = spans[name]
+        assert "".join(lines[start:end]) in code, name
+        names = top_level_names(source, start + 1, end)
+        assert names and names <= defined, (name, names - defined)
+        expected |= names
+    assert {"GPTConfig", "gelu_tanh_via_sigmoid", "softcap", "ChunkedCrossEntropy", "GPT", "hf_weight_map"} <= expected
+    # the preamble too (constants, UserError), under the modeling file's own docstring instead of train_gpt2's
+    assert {"GPT2_VOCAB_SIZE", "EOT_TOKEN", "UserError"} <= defined
+    assert ast.get_docstring(ast.parse(code)).startswith("GPT from gpt2-trainer") and tg.__doc__ not in code
+    assert code.count("from __future__ import annotations") == 1
+    with pytest.raises(ValueError, match="no section 'nowhere'"):
+        ex.trainer_sections(["config", "nowhere"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -836,9 +919,9 @@ CLI_LAYOUTS = {"classic": "gpt2", "llama": "llama", "speedrun": "custom"}
 
 
 def run_exports(jobs: dict) -> dict:
-    """`python train_gpt2.py --resume CKPT --export_hf DIR` for each job at once, offline and single-threaded."""
+    """`python export_hf.py CKPT DIR` for each job at once, offline and single-threaded."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    procs = {name: subprocess.Popen([sys.executable, SCRIPT, "--resume", ckpt, "--export_hf", out_dir],
+    procs = {name: subprocess.Popen([sys.executable, EXPORT_SCRIPT, ckpt, out_dir],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
              for name, (ckpt, out_dir) in jobs.items()}
     results = {}
@@ -863,7 +946,7 @@ def hellaswag_cli(argv: list[str]) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory):
-    """Checkpoints of a GPT-2-layout and a Llama-layout model, exported by train_gpt2.py's command line, then scored
+    """Checkpoints of a GPT-2-layout and a Llama-layout model, exported by export_hf.py's command line, then scored
     by hellaswag_eval's command line from the checkpoint and from the exported directory."""
     quiet_transformers()
     root = tmp_path_factory.mktemp("cli")
@@ -896,7 +979,7 @@ def test_cli_export_of_a_checkpoint_loads_in_transformers(name, cli_runs):
     assert proc.returncode == 0, proc.stderr[-3000:]
     layout = CLI_LAYOUTS[name]
     assert f"as a Hugging Face {layout} model" in proc.stdout
-    code = {f"{tg.HF_REMOTE_MODULE}.py"} if layout == "custom" else set()
+    code = {f"{ex.HF_REMOTE_MODULE}.py"} if layout == "custom" else set()
     assert set(os.listdir(r["dir"])) == EXPORT_FILES | code
     # nothing but the checkpoints and the exported directories (no temporary directory left)
     assert r["listing"] == sorted([f"{n}.pt" for n in CLI_MODELS] + [f"{n}_hf" for n in CLI_MODELS])
@@ -963,7 +1046,7 @@ def test_cli_export_refuses_an_occupied_directory_or_a_file_in_the_way(tmp_path,
     cases.append((ckpt, str(tmp_path / "classic.pt"), "already exists"))  # a file in the way
     for path, out_dir, message in cases:
         with pytest.raises(SystemExit) as e:
-            tg.main(["--resume", path, "--export_hf", out_dir])
+            ex.main([path, out_dir])
         assert e.value.code == 2
         out, err = capsys.readouterr()
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err

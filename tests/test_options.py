@@ -6,6 +6,7 @@ Most runs call train_gpt2.main in this process (the same code path as the comman
 interpreter each time); one error case and the torchrun case go through real processes."""
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import math
@@ -20,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import export_hf as ex
 import sample
 import train_gpt2 as tg
 from test_train import TINY, load_weights, make_shards, read_log, run_cli
@@ -34,25 +36,14 @@ LOG_KEYS = ("step", "train_loss", "val_loss", "lr", "grad_norm", "tokens")
 # helpers
 
 
-def cli(argv):
-    """train_gpt2.main(argv) in this process: (exit code, stdout, stderr), like a finished subprocess."""
+def cli(argv, main=tg.main):
+    """train_gpt2.main(argv) (or another script's main) in this process: (exit code, stdout, stderr), like a
+    finished subprocess."""
     out, err = io.StringIO(), io.StringIO()
     code = 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            tg.main([str(a) for a in argv])
-        except SystemExit as e:
-            code = e.code
-    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
-
-
-def sample_cli(argv):
-    """sample.main(argv) in this process, as cli() runs the trainer's."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            sample.main([str(a) for a in argv])
+            main([str(a) for a in argv])
         except SystemExit as e:
             code = e.code
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
@@ -464,7 +455,8 @@ def test_init_from_starts_at_the_hugging_face_models_loss(data, hf_dir, tmp_path
     assert (config["n_layer"], config["n_head"], config["n_embd"], config["block_size"]) == (2, 4, 64, 64)
     assert config["norm"] == "layernorm" and config["pos"] == "learned" and config["tie_embeddings"]
 
-    r = ok(sample_cli(["--init_from", hf_dir, "--device", "cpu", "--dtype", "fp32", "--sample_tokens", 4]))
+    r = ok(cli(["--init_from", hf_dir, "--device", "cpu", "--dtype", "fp32", "--sample_tokens", 4],
+               main=sample.main))
     assert re.search(rf"^full \({re.escape(hf_dir)}\): [\d.]+ tok/s \| ", r.stdout, re.M), r.stdout
 
 
@@ -545,9 +537,9 @@ def test_sample_int8_reports_consistent_numbers(data, base_run, tmp_path):
             w[:, 0] = 10.0
     path = str(tmp_path / "ckpt_0000001.pt")
     torch.save(saved, path)
-    r = ok(sample_cli(["--resume", path, "--int8", "--device", "cpu", "--dtype", "fp32",
+    r = ok(cli(["--resume", path, "--int8", "--device", "cpu", "--dtype", "fp32",
                 "--data_dir", folder, "--seq_len", T, "--batch_size", B, "--val_tokens", 1024,
-                "--sample_tokens", 8, "--prompt", "Hello"]))
+                "--sample_tokens", 8, "--prompt", "Hello"], main=sample.main))
     speed = {m.group(1): float(m.group(2)) for m in re.finditer(
         rf"^(full|int8) \({re.escape(path)}\): ([\d.]+) tok/s \| ['\"]Hello.*$", r.stdout, re.M)}
     assert speed.keys() == {"full", "int8"}, r.stdout
@@ -578,9 +570,52 @@ def test_sample_int8_reports_consistent_numbers(data, base_run, tmp_path):
 ])
 def test_sample_without_what_it_needs(tmp_path, flags, fragments):
     out = tmp_path / "o"
-    r = sample_cli(["--out_dir", str(out)] + flags)
+    r = cli(["--out_dir", str(out)] + flags, main=sample.main)
     assert_one_line_error(r, *fragments)
     assert not out.exists()
+
+
+def save_tiny_checkpoint(path, seed: int) -> tg.GPT:
+    torch.manual_seed(seed)
+    model = tg.GPT(tg.GPTConfig(block_size=16, vocab_size=300, padded_vocab_size=320, n_layer=1, n_head=2, n_embd=32))
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.config), "step": 1}, path)
+    return model
+
+
+@pytest.mark.parametrize("case, fragments", [
+    ("missing_checkpoint", ["missing.pt", "does not exist"]),
+    ("run_without_checkpoints", ["no checkpoint", "checkpoint file"]),
+    ("occupied_out_dir", ["occupied", "already exists"]),
+])
+def test_export_without_what_it_needs(tmp_path, case, fragments):
+    """export_hf.py's bad input: one error line, exit 2, nothing written (the occupied directory left as it was)."""
+    run, occupied = tmp_path / "run", tmp_path / "occupied"
+    run.mkdir()
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("x")
+    save_tiny_checkpoint(run / "ckpt_0000001.pt", seed=0)
+    argv = {"missing_checkpoint": [tmp_path / "missing.pt", tmp_path / "export"],
+            "run_without_checkpoints": [occupied, tmp_path / "export"],
+            "occupied_out_dir": [run / "ckpt_0000001.pt", occupied]}[case]
+    assert_one_line_error(cli(argv, main=ex.main), *fragments)
+    assert sorted(os.listdir(tmp_path)) == ["occupied", "run"]
+    assert os.listdir(occupied) == ["keep.txt"] and os.listdir(run) == ["ckpt_0000001.pt"]
+
+
+def test_export_of_a_run_takes_its_newest_readable_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(ex, "gpt2_tokenizer_files", lambda: {})  # checkpoint choice only: no tokenizer needed
+    run = tmp_path / "run"
+    run.mkdir()
+    save_tiny_checkpoint(run / "ckpt_0000001.pt", seed=1)
+    model = save_tiny_checkpoint(run / "ckpt_0000002.pt", seed=2)
+    (run / "ckpt_0000003.pt").write_bytes(b"cut short")
+    r = ok(cli([run, tmp_path / "hf"], main=ex.main))
+    assert "ckpt_0000003.pt" in r.stdout and "warning" in r.stdout
+    assert f"exported {run / 'ckpt_0000002.pt'} as a Hugging Face gpt2 model to {tmp_path / 'hf'}" in r.stdout
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    exported = safetensors_torch.load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert torch.equal(exported["transformer.wpe.weight"], model.transformer.wpe.weight)
+    assert sorted(os.listdir(tmp_path)) == ["hf", "run"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

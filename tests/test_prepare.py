@@ -28,6 +28,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import export_hf  # noqa: E402
 import gpt2_tokens  # noqa: E402
 import prepare_fineweb  # noqa: E402
 import train_gpt2  # noqa: E402
@@ -217,7 +218,7 @@ def hf_gpt2_bpe():
     """GPT-2's BPE as Hugging Face `tokenizers` implements it (its own regex, byte mapping and merge loop), from
     vocab.json and merges.txt: a tokenisation that shares no code with tiktoken."""
     tokenizers = pytest.importorskip("tokenizers")
-    files = train_gpt2.gpt2_tokenizer_files()
+    files = export_hf.gpt2_tokenizer_files()
     vocab = json.loads(files["vocab.json"])
     merges = [tuple(line.split(" ")) for line in files["merges.txt"].splitlines()[1:]]
     tk = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges))

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import export_hf as ex
 import gpt2_tokens
 import train_gpt2 as tg
 from test_options import assert_one_line_error, ckpt, cli, kept_global_state, ok, optimizer_tensors, read_log
@@ -185,8 +186,8 @@ def test_speedrun_models_export_with_their_own_modeling_code(tmp_path, tied):
                             x0_lambdas=True, logit_softcap=15.0, tie_embeddings=tied), std=0.1)
     assert tg.hf_layout(model.config) == "custom"
     directory = tmp_path / "hf"
-    assert tg.export_hf(model, str(directory)) == "custom"
-    code = (directory / f"{tg.HF_REMOTE_MODULE}.py").read_text()
+    assert ex.export_hf(model, str(directory)) == "custom"
+    code = (directory / f"{ex.HF_REMOTE_MODULE}.py").read_text()
     assert "train_gpt2" not in code.replace("train_gpt2.py", "")  # named in the docstring, never imported
     idx, prompt = tokens((2, 40), seed=3), tokens((1, 6), seed=4)
     torch.save((idx, prompt), tmp_path / "inputs.pt")
