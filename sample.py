@@ -23,9 +23,20 @@ import torch.nn as nn
 
 import train_gpt2 as tg
 
-# the trainer's flags this command shares: which model, where, in what precision, and how to sample
+# the trainer's flags this command shares, and what they mean here: which model, where, in what precision, and how
+# to sample
 SHARED_FLAGS = ("init_from", "data_dir", "seq_len", "batch_size", "seed", "device", "dtype", "val_tokens", "prompt",
                 "sample_tokens", "top_k", "out_dir", "resume")
+HELPS = {
+    "resume": "the checkpoint to sample from: a .pt file, or 'auto' for the newest readable one in --out_dir",
+    "out_dir": "the run whose checkpoint --resume auto picks",
+    "init_from": "sample from Hugging Face weights instead (gpt2, ... or a local GPT-2/Llama directory)",
+    "seed": "seed of the sample: the same weights and seed give the same text",
+    "data_dir": "with --int8: the folder whose val shards the validation losses are measured on",
+    "seq_len": "with --int8: tokens per validation sequence (at most the model's block_size)",
+    "batch_size": "with --int8: validation sequences per forward pass",
+    "val_tokens": "with --int8: validation tokens for each loss",
+}
 
 
 class Int8Linear(nn.Module):
@@ -132,7 +143,7 @@ def sample(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = tg.build_parser("Sample from a train_gpt2.py checkpoint or Hugging Face weights, with its tokens/s.",
-                        names=SHARED_FLAGS)
+                        names=SHARED_FLAGS, helps=HELPS)
     p.add_argument("--int8", action="store_true",
                    help="on CPU: also sample from an int8 copy of the linear layers, and report its speed-up and "
                         "validation-loss change on --data_dir")

@@ -2397,16 +2397,16 @@ class Trainer:
 
 
 def build_parser(description: str = "Pretrain GPT-2 on uint16 token shards (one CPU, one GPU, or torchrun).",
-                 names: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+                 names: tuple[str, ...] | None = None, helps: dict[str, str] | None = None) -> argparse.ArgumentParser:
     """The command line of Settings: a flag per field (or per field in `names`, for a helper script that shares
-    some), typed from its annotation, grouped under FLAG_GROUPS."""
+    some, with `helps` saying what they mean there), typed from its annotation, grouped under FLAG_GROUPS."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     group = p
     for f in fields(Settings):
         if "help" not in f.metadata or (names is not None and f.name not in names):
             continue
         group = p.add_argument_group(FLAG_GROUPS[f.name]) if f.name in FLAG_GROUPS and names is None else group
-        options = dict(f.metadata)
+        options = {**f.metadata, "help": (helps or {}).get(f.name, f.metadata["help"])}
         kind = f.type.replace(" | None", "")
         if kind == "bool":
             options["action"] = argparse.BooleanOptionalAction

@@ -27,9 +27,11 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt2 as tg  # noqa: E402
 
-# the trainer's flags a step depends on
+# the trainer's flags a step depends on, and what the two that differ mean here
 SHARED_FLAGS = ("model", *tg.ARCH_FLAGS, "untie", "data_dir", "seq_len", "batch_size", "recipe", "optimizer",
                 "device", "dtype", "chunked_loss", "compile", "peak_tflops")
+HELPS = {"data_dir": "train shards: what --data real reads, and what the loader's speed is measured on",
+         "batch_size": "sequences per timed step (B)"}
 
 # One row per optimisation, each keeping those above it; the first row is a straightforward implementation
 LADDER = [
@@ -254,7 +256,7 @@ def benchmark(args: argparse.Namespace, settings: tg.Settings) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = tg.build_parser(__doc__.splitlines()[0], names=SHARED_FLAGS)
+    p = tg.build_parser(__doc__.splitlines()[0], names=SHARED_FLAGS, helps=HELPS)
     p.add_argument("--ladder", action="store_true",
                    help="time the step with each optimisation added in turn, from fp32 eager with manual attention")
     p.add_argument("--steps", type=int, default=10, help="timed steps per row (the median is shown)")
