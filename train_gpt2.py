@@ -1220,7 +1220,7 @@ class Muon(torch.optim.Optimizer):
     divided by the root of its own running mean square (beta2), then the whole update is rescaled to its former
     norm, so no neuron's updates dominate; it iterates with Polar Express and uses cautious weight decay (decay only
     the entries the update moves the same way: Chen et al. 2025), as the GPT-2 speedrun does. ortho_dtype is the
-    iterations' precision: bf16 where the hardware has it, fp32 elsewhere (an emulated bf16 matmul costs 100x)."""
+    iterations' precision: bf16 where the hardware has it, fp32 elsewhere (emulated bf16 is far slower)."""
 
     def __init__(self, params, lr: float, momentum: float = 0.95, weight_decay: float = 0.0, normuon: bool = False,
                  beta2: float = 0.95, ortho_dtype: torch.dtype = torch.float32):
