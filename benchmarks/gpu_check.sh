@@ -272,7 +272,7 @@ if not (math.isfinite(first) and math.isfinite(last) and last < first / 2):
 if not saved:
     sys.exit(print("FAIL\tno checkpoint in the output folder"))
 ckpt = torch.load(saved[-1], map_location="cpu", weights_only=True, mmap=True)
-if len(saved) != 1 or ckpt["step"] != steps[-1]["step"] or ckpt["step"] != ckpt["args"]["max_steps"]:
+if len(saved) != 1 or ckpt["step"] != steps[-1]["step"] or ckpt["step"] != ckpt["settings"]["max_steps"]:
     sys.exit(print(f"FAIL\tcheckpoints {[os.path.basename(p) for p in saved]} do not match the {steps[-1]['step']} "
                    f"steps logged of --max_steps {ckpt['args']['max_steps']} with --keep_last 1"))
 print(f"PASS\t{numbers}; {os.path.basename(saved[-1])} reads back")
