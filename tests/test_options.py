@@ -360,6 +360,33 @@ def test_resume_with_another_dropout_is_accepted(data, base_run, tmp_path):
         {k: v for k, v in first["config"].items() if k != "dropout"}
 
 
+def test_the_startup_line_and_the_checkpoint_show_the_settings(data, base_run):
+    saved = tg.saved_settings_of(tg.load_checkpoint(f"{base_run}/ckpt_0000001.pt"))
+    assert saved["max_steps"] == 1 and saved["seq_len"] == 32 and saved["lr"] == 3e-3
+    assert saved.keys() == {f.name for f in dataclasses.fields(tg.Settings)}
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--lr", "0.004"], "--lr 0.003"),
+    (["--seq_len", "16"], "--seq_len 32"),
+    (["--total_batch_size", "512"], "--total_batch_size 256"),
+    (["--seed", "7"], "--seed 1337"),
+    (["--lr_schedule", "wsd"], "--lr_schedule cosine"),
+])
+def test_resume_with_another_fixed_setting_is_refused(data, base_run, tmp_path, flags, named):
+    out = copy_run(base_run, tmp_path)
+    r = cli(TINY + ["--data_dir", data[0], "--out_dir", out, "--max_steps", 2, "--val_every", 0, "--resume", "auto"]
+            + flags)
+    assert_one_line_error(r, named, "to resume it")
+
+
+def test_resume_may_change_the_micro_batch_and_the_run_length(data, base_run, tmp_path):
+    out = copy_run(base_run, tmp_path)
+    r = ok(cli(TINY + ["--data_dir", data[0], "--out_dir", out, "--max_steps", 3, "--val_every", 0,
+                       "--resume", "auto", "--batch_size", 2]))
+    assert "resumed from" in r.stdout and "4 micro-steps" in r.stdout and "step     3/3" in r.stdout
+
+
 def test_checkpoint_with_a_single_optimizer_dict_still_resumes(data, base_run, tmp_path):
     """Checkpoints from before the optimiser list held one AdamW state dict and no --optimizer in their args."""
     new = copy_run(base_run, tmp_path / "new")
