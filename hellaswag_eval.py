@@ -346,6 +346,49 @@ def _run_labels(out_dirs: Sequence[str]) -> list[str]:
     return [os.path.normpath(d) if names.count(name) > 1 else name for d, name in zip(out_dirs, names)]
 
 
+def _read_runs(out_dirs: Sequence[str]) -> tuple[list[str], list[list[dict]]]:
+    """Each run's label and log rows: an --out_dir (its log.jsonl) or a log.jsonl path."""
+    runs = []
+    for d in out_dirs:
+        log = d if os.path.isfile(d) and d.endswith(".jsonl") else os.path.join(d, "log.jsonl")
+        if not os.path.isfile(log):
+            raise UserError(f"no training log at {log}; --plot takes training output directories (--out_dir)")
+        runs.append(_read_log(log))
+    folders = [os.path.dirname(d) if d.endswith(".jsonl") and os.path.isfile(d) else d for d in out_dirs]
+    return _run_labels(folders), runs
+
+
+def _style_loss_axis(ax, loss_values: list[float]) -> None:
+    ax.axhline(GPT2_124M_FINEWEB_VAL_LOSS, color="red", linestyle="--", linewidth=1,
+               label=f"OpenAI GPT-2 (124M) val loss on FineWeb ({GPT2_124M_FINEWEB_VAL_LOSS})")
+    if loss_values:
+        # the first steps (loss ~11) would flatten everything else: cap the axis a little above the typical values
+        ordered = sorted(loss_values)
+        typical = min(ordered[int(0.9 * (len(ordered) - 1))] * 1.15, ordered[-1] + 0.2)
+        top = max(typical, GPT2_124M_FINEWEB_VAL_LOSS + 0.3)
+        bottom = min(ordered[0], GPT2_124M_FINEWEB_VAL_LOSS) - 0.2
+        ax.set_ylim(max(0.0, bottom), top)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _style_hellaswag_axis(ax, any_points: bool) -> None:
+    ax.axhline(GPT2_124M_HELLASWAG_ACC_NORM, color="red", linestyle="--", linewidth=1,
+               label=f"OpenAI GPT-2 (124M) acc_norm ({GPT2_124M_HELLASWAG_ACC_NORM})")
+    ax.axhline(0.25, color="gray", linestyle=":", linewidth=1, label="chance (0.25)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("acc_norm")
+    ax.set_title("HellaSwag")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if not any_points:
+        ax.text(0.5, 0.5, "no HellaSwag evaluations in the log(s)", transform=ax.transAxes, ha="center",
+                color="gray")
+
+
 def plot_runs(out_dirs: Sequence[str], png_path: str) -> dict:
     """Render <out_dir>/log.jsonl of each run into one PNG: loss (left) and HellaSwag acc_norm (right) by step.
 
@@ -358,14 +401,7 @@ def plot_runs(out_dirs: Sequence[str], png_path: str) -> dict:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("--plot needs matplotlib: pip install matplotlib") from None
-    runs = []
-    for d in out_dirs:
-        log = d if os.path.isfile(d) and d.endswith(".jsonl") else os.path.join(d, "log.jsonl")
-        if not os.path.isfile(log):
-            raise UserError(f"no training log at {log}; --plot takes training output directories (--out_dir)")
-        runs.append(_read_log(log))
-    labels = _run_labels([os.path.dirname(d) if d.endswith(".jsonl") and os.path.isfile(d) else d for d in out_dirs])
-
+    labels, runs = _read_runs(out_dirs)
     fig, (ax_loss, ax_hs) = plt.subplots(1, 2, figsize=(13, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     summary, loss_values = {}, []
@@ -382,34 +418,8 @@ def plot_runs(out_dirs: Sequence[str], png_path: str) -> dict:
             ax_hs.plot(hx, hy, color=color, linewidth=1.8, marker="o", markersize=3, label=label)
         loss_values += ty + vy
         summary[label] = {"train_loss": len(tx), "val_loss": len(vx), "hellaswag_acc_norm": len(hx)}
-
-    ax_loss.axhline(GPT2_124M_FINEWEB_VAL_LOSS, color="red", linestyle="--", linewidth=1,
-                    label=f"OpenAI GPT-2 (124M) val loss on FineWeb ({GPT2_124M_FINEWEB_VAL_LOSS})")
-    if loss_values:
-        # the first steps (loss ~11) would flatten everything else: cap the axis a little above the typical values
-        ordered = sorted(loss_values)
-        typical = min(ordered[int(0.9 * (len(ordered) - 1))] * 1.15, ordered[-1] + 0.2)
-        top = max(typical, GPT2_124M_FINEWEB_VAL_LOSS + 0.3)
-        bottom = min(ordered[0], GPT2_124M_FINEWEB_VAL_LOSS) - 0.2
-        ax_loss.set_ylim(max(0.0, bottom), top)
-    ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("loss")
-    ax_loss.set_title("loss")
-    ax_loss.grid(alpha=0.3)
-    ax_loss.legend(fontsize=8)
-
-    ax_hs.axhline(GPT2_124M_HELLASWAG_ACC_NORM, color="red", linestyle="--", linewidth=1,
-                  label=f"OpenAI GPT-2 (124M) acc_norm ({GPT2_124M_HELLASWAG_ACC_NORM})")
-    ax_hs.axhline(0.25, color="gray", linestyle=":", linewidth=1, label="chance (0.25)")
-    ax_hs.set_xlabel("step")
-    ax_hs.set_ylabel("acc_norm")
-    ax_hs.set_title("HellaSwag")
-    ax_hs.grid(alpha=0.3)
-    ax_hs.legend(fontsize=8)
-    if not any(s["hellaswag_acc_norm"] for s in summary.values()):
-        ax_hs.text(0.5, 0.5, "no HellaSwag evaluations in the log(s)", transform=ax_hs.transAxes, ha="center",
-                   color="gray")
-
+    _style_loss_axis(ax_loss, loss_values)
+    _style_hellaswag_axis(ax_hs, any(s["hellaswag_acc_norm"] for s in summary.values()))
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
     try:

@@ -560,12 +560,9 @@ class ShardWriter:
 # the run
 
 
-def prepare(args: argparse.Namespace) -> dict:
-    """Tokenise the corpus into shards in args.out_dir; returns the summary that is also saved as prep.json."""
-    t_start = time.time()
-    source = resolve_source(args)
-    apply_defaults(args, source)
-    config = fingerprint(source, args)
+def starting_state(args: argparse.Namespace, config: dict) -> tuple[dict, str, bool]:
+    """What a run starts from, after checking args.out_dir: the state to continue (--resume) or a new one, which
+    files in out_dir the writer clears ("stale", "all" or ""), and whether a resumed run has nothing left to do."""
     out_dir = args.out_dir
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out_dir {out_dir} exists and is not a directory")
@@ -577,21 +574,30 @@ def prepare(args: argparse.Namespace) -> dict:
                         "choose another --out_dir or remove them")
     if args.resume and has_state:
         state = load_state(out_dir, config, args.max_tokens)
-        clear = "stale"
-        if nothing_left(state, args.max_tokens):
+        complete = nothing_left(state, args.max_tokens)
+        if complete:
             check_shards(out_dir, state["shards"])
-            summary = summarize(state, source, args, tokens_this_run=0, seconds=time.time() - t_start)
-            print(f"{out_dir} is already complete; nothing to do")
-            return summary
-    elif has_files and args.resume:
+        return state, "stale", complete
+    if has_files and args.resume:
         raise UserError(f"cannot resume: {out_dir} is not empty but has no {STATE_FILE}; "
                         "use --overwrite to replace its shards")
-    elif has_files and not args.overwrite:
+    if has_files and not args.overwrite:
         raise UserError(f"{out_dir} is not empty; pass --resume to continue an interrupted run "
                         "or --overwrite to replace it")
-    else:
-        state = new_state(config)
-        clear = "all" if has_files else ""
+    return new_state(config), "all" if has_files else "", False
+
+
+def prepare(args: argparse.Namespace) -> dict:
+    """Tokenise the corpus into shards in args.out_dir; returns the summary that is also saved as prep.json."""
+    t_start = time.time()
+    source = resolve_source(args)
+    apply_defaults(args, source)
+    out_dir = args.out_dir
+    state, clear, complete = starting_state(args, fingerprint(source, args))
+    if complete:
+        summary = summarize(state, source, args, tokens_this_run=0, seconds=time.time() - t_start)
+        print(f"{out_dir} is already complete; nothing to do")
+        return summary
 
     start_building_bpe()
     ds = load_documents(source, args.streaming, args.cache_dir)
