@@ -205,6 +205,13 @@ RECIPES: dict[str, dict] = {
 }
 
 
+def flag_text(name: str, value: Any) -> str:
+    """The command-line words that set flag `name` to `value`: --x / --no-x for a switch, floats exactly."""
+    if isinstance(value, bool):
+        return f"--{'' if value else 'no-'}{name}"
+    return f"--{name} {shlex.quote(repr(value) if isinstance(value, float) else str(value))}"
+
+
 def flag(default: Any, help: str, **argparse_options) -> Any:
     """A Settings field that is also the command-line flag --<name>: its default, its help and any argparse options
     (choices, metavar)."""
@@ -324,8 +331,7 @@ class Settings:
         for f in fields(self):
             value = getattr(self, f.name)
             if "help" in f.metadata and value != f.default:
-                parts.append(f"--{'' if value else 'no-'}{f.name}" if isinstance(value, bool) else
-                             f"--{f.name} {shlex.quote(repr(value) if isinstance(value, float) else str(value))}")
+                parts.append(flag_text(f.name, value))
         return " ".join(parts)
 
 
@@ -1896,8 +1902,7 @@ def check_compatible(ckpt: dict, config: GPTConfig, s: Settings, path: str) -> N
     saved_settings = saved_settings_of(ckpt)
     for name in FIXED_BY_CHECKPOINT:
         if name in saved_settings and saved_settings[name] != getattr(s, name):
-            was, now = (f"--{'' if v else 'no-'}{name}" if isinstance(v, bool) else f"--{name} {v}"
-                        for v in (saved_settings[name], getattr(s, name)))
+            was, now = flag_text(name, saved_settings[name]), flag_text(name, getattr(s, name))
             raise UserError(f"checkpoint '{path}' was trained with {was}, not {now}; pass {was} to resume it, or "
                             "another --out_dir")
 

@@ -19,7 +19,7 @@ import threading
 import time
 import unittest.mock
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -270,9 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     flags, explicit = tg.parse_flags(argv, parser)
     own = {name: flags.pop(name) for name in ("ladder", "steps", "warmup", "data")}
-    # a Settings of the trainer's defaults and these flags: one micro-step is the whole batch here
-    defaults = {f.name: f.default for f in fields(tg.Settings) if "help" in f.metadata}
-    flags = {**defaults, **flags, "total_batch_size": flags["batch_size"] * flags["seq_len"], "warmup_steps": 0}
+    # the trainer's Settings of these flags (its defaults for the rest): one micro-step is the whole batch here
+    flags["total_batch_size"] = flags["batch_size"] * flags["seq_len"]
     try:
         benchmark(argparse.Namespace(**own), tg.resolve_settings(flags, explicit))
     except tg.UserError as e:
