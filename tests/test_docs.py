@@ -141,6 +141,11 @@ def test_quick_start_is_two_short_commands_installing_then_training():
     assert flags["recipe"] == "speedrun" and flags["data_dir"] == quickstart.SAMPLE_DIR
 
 
+def test_docs_give_the_command_the_quick_start_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no earlier quick start here, so the command names out/quickstart
+    assert ["python", "train_gpt2.py", *quickstart.command([])] in [words for _, words in documented()]
+
+
 def test_the_test_command_is_the_one_ci_runs():
     with open(os.path.join(ROOT, "README.md")) as f:
         text = f.read()
