@@ -2401,11 +2401,18 @@ class Trainer:
 # CLI: the flags of Settings, and main
 
 
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's help ends with its default, except a default of None: that help says itself what applies."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser(description: str = "Pretrain GPT-2 on uint16 token shards (one CPU, one GPU, or torchrun).",
                  names: tuple[str, ...] | None = None, helps: dict[str, str] | None = None) -> argparse.ArgumentParser:
     """The command line of Settings: a flag per field (or per field in `names`, for a helper script that shares
     some, with `helps` saying what they mean there), typed from its annotation, grouped under FLAG_GROUPS."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpWithDefaults)
     group = p
     for f in fields(Settings):
         if "help" not in f.metadata or (names is not None and f.name not in names):
