@@ -466,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                    help="auto: cuda if available, else mps, else cpu")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="autocast dtype; auto: bf16 where the hardware runs it natively, else fp32")
+                   help="autocast dtype; auto: bf16 where native, fp16 on older GPUs, else fp32 (as train_gpt2.py)")
     p.add_argument("--out", metavar="FILE.json", help="also write the result as JSON to this file")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     p.add_argument("--download", action="store_true",
