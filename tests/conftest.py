@@ -15,6 +15,7 @@ import io
 import json
 import math
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import random
 import socket
@@ -156,6 +157,19 @@ def preloaded_server() -> multiprocessing.context.BaseContext:
     no torch op and started no thread."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "torch._dynamo", "train_gpt2", __name__])
+    # The server is a new interpreter, which imports the preload list by name and skips what it cannot find: it starts
+    # with the repository and tests/ on its PYTHONPATH (the forked runs then take this process's import path and
+    # environment, as any child does).
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.dirname(os.path.abspath(__file__))]
+                                               + ([saved] if saved else []))
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
     return context
 
 
