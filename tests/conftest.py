@@ -410,7 +410,7 @@ def loss_and_grads(model, idx, targets, forward=None, seed=None, chunked=None, a
     if seed is not None:
         torch.manual_seed(seed)
     with torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
-        logits, loss = (forward or model)(idx, targets)
+        logits, loss = (model if forward is None else forward)(idx, targets)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
