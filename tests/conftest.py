@@ -92,6 +92,19 @@ def shard_tokens(path):
     return np.fromfile(path, dtype=np.uint16, offset=256 * 4).astype(np.int64)
 
 
+def expected_tokens(texts) -> tuple[np.ndarray, list[int]]:
+    """The token stream prepared shards must hold, from the trainer's tokenizer alone: <|endoftext|> + text, per
+    document; and each document's length in tokens."""
+    enc = tg.get_tokenizer()
+    docs = [[EOT] + enc.encode_ordinary(t) for t in texts]
+    return np.array([t for d in docs for t in d], dtype=np.uint16), [len(d) for d in docs]
+
+
+def shard_bytes(out_dir) -> dict[str, bytes]:
+    """Every .bin file of a directory, by name: what two preparations must agree on byte for byte."""
+    return {f: open(os.path.join(out_dir, f), "rb").read() for f in sorted(os.listdir(out_dir)) if f.endswith(".bin")}
+
+
 def write_jsonl(path, records) -> str:
     """One JSON object per line; returns the path as a string."""
     with open(path, "w", encoding="utf-8") as f:

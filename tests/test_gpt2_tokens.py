@@ -20,7 +20,7 @@ import pytest
 import gpt2_tokens
 import prepare_fineweb
 import train_gpt2
-from conftest import child_env, write_jsonl
+from conftest import child_env, expected_tokens, shard_bytes, write_jsonl
 
 EOT = 50256  # <|endoftext|> in GPT-2's published vocabulary
 SHARD = 3000  # tokens per shard in these tests: every output has several, and documents cross their boundaries
@@ -63,11 +63,6 @@ def tiktoken_ids(text: str) -> list[int]:
     return train_gpt2.get_tokenizer().encode_ordinary(text)
 
 
-def tiktoken_stream(texts: list[str]) -> np.ndarray:
-    """The token stream the shards must hold, from train_gpt2's tiktoken tokenizer: <|endoftext|> + text, each."""
-    return np.array([t for text in texts for t in [EOT, *tiktoken_ids(text)]], dtype=np.uint16)
-
-
 def llmc_shard(tokens: np.ndarray) -> bytes:
     """llm.c's shard layout written out by hand: 256 little-endian int32 (magic, version, token count, then zeros),
     then the tokens as little-endian uint16."""
@@ -79,7 +74,7 @@ def tiktoken_shards(texts: list[str], out_dir, prefix: str, shard_size: int, val
     """Shards as the README lays them out, written by hand (llmc_shard) from tiktoken's ids: the val split is
     the first val_tokens tokens, in shards of at most shard_size, then train shards of shard_size, the last partial;
     shard indices run on across the two splits."""
-    stream = tiktoken_stream(texts)
+    stream = expected_tokens(texts)[0]
     cuts = [*range(0, min(val_tokens, len(stream)), shard_size), *range(val_tokens, len(stream), shard_size)]
     os.makedirs(out_dir, exist_ok=True)
     for index, start in enumerate(cuts):
@@ -89,10 +84,6 @@ def tiktoken_shards(texts: list[str], out_dir, prefix: str, shard_size: int, val
         split = "val" if start < val_tokens else "train"
         with open(os.path.join(out_dir, f"{prefix}_{split}_{index:06d}.bin"), "wb") as f:
             f.write(llmc_shard(stream[start:end]))
-
-
-def shard_bytes(out_dir) -> dict[str, bytes]:
-    return {f: open(os.path.join(out_dir, f), "rb").read() for f in sorted(os.listdir(out_dir)) if f.endswith(".bin")}
 
 
 def backends() -> list:
@@ -160,7 +151,7 @@ def test_awkward_texts_get_tiktokens_ids(bpe_class):
     tokens, lengths = bpe.encode_batch(texts)
     assert tokens.dtype == np.uint16
     assert lengths.tolist() == [len(tiktoken_ids(t)) + 1 for t in texts]
-    assert np.array_equal(tokens, tiktoken_stream(texts))
+    assert np.array_equal(tokens, expected_tokens(texts)[0])
     for text in SURROGATE_TEXTS + awkward_texts(n_random=20, seed=1):  # one at a time: no batch to lean on
         assert bpe.encode(text) == tiktoken_ids(text), repr(text)
 
@@ -179,7 +170,7 @@ def test_surrogates_are_repaired_as_tiktoken_repairs_them():
 def test_bundled_corpus_gets_tiktokens_ids(bpe_class):
     texts = pq.read_table(prepare_fineweb.SAMPLE_PATH).column("text").to_pylist()
     tokens, lengths = bpe_class().encode_batch(texts)
-    assert np.array_equal(tokens, tiktoken_stream(texts)) and len(tokens) > 1_900_000
+    assert np.array_equal(tokens, expected_tokens(texts)[0]) and len(tokens) > 1_900_000
     assert lengths.tolist() == [len(tiktoken_ids(t)) + 1 for t in texts]
 
 

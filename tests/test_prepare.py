@@ -28,7 +28,7 @@ import export_hf
 import gpt2_tokens
 import prepare_fineweb
 import train_gpt2
-from conftest import ROOT, assert_one_line_error, child_env, free_port
+from conftest import ROOT, assert_one_line_error, child_env, expected_tokens, free_port, shard_bytes
 
 SCRIPT = os.path.join(ROOT, "prepare_fineweb.py")
 SHARD = 2000  # tokens per shard in these tests
@@ -94,13 +94,6 @@ def write_corpus(directory, docs: list[dict], kind: str, files: int = 2) -> str:
     return os.path.join(directory, f"*.{kind}")
 
 
-def expected_tokens(texts: list[str]) -> tuple[np.ndarray, list[int]]:
-    """The token stream the shards must hold, from the tokenizer alone: <|endoftext|> + text, per document."""
-    enc = train_gpt2.get_tokenizer()
-    docs = [[EOT] + enc.encode_ordinary(t) for t in texts]
-    return np.array([t for d in docs for t in d], dtype=np.uint16), [len(d) for d in docs]
-
-
 def read_header_and_tokens(path: str) -> np.ndarray:
     """Parse an llm.c shard by hand (not through train_gpt2) and check its header against the file."""
     header = np.fromfile(path, dtype=np.int32, count=256)
@@ -121,10 +114,6 @@ def stream_of(out_dir) -> np.ndarray:
     """All shards in index order (val first, then train), as one token stream."""
     files = sorted(shard_files(out_dir), key=lambda f: f.rsplit("_", 1)[1])
     return np.concatenate([read_header_and_tokens(os.path.join(out_dir, f)) for f in files])
-
-
-def dir_bytes(out_dir) -> dict[str, bytes]:
-    return {f: open(os.path.join(out_dir, f), "rb").read() for f in shard_files(out_dir)}
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -297,12 +286,12 @@ def test_shards_hold_the_independently_tokenised_corpus(kind, corpus, tmp_path, 
 
 
 def test_worker_count_and_streaming_do_not_change_the_bytes(corpus, reference, tmp_path, capsys):
-    expected = dir_bytes(reference)
+    expected = shard_bytes(reference)
     for name, extra in [("one", ["--num_proc", 1]), ("streamed", ["--num_proc", 2, "--streaming"])]:
         out = tmp_path / name
         code, _, err = run(capsys, "--data_files", corpus["parquet"], "--out_dir", out, *common(corpus), *extra)
         assert code == 0, err
-        assert dir_bytes(out) == expected, name
+        assert shard_bytes(out) == expected, name
 
 
 def test_round_trip_through_train_gpt2_loader(corpus, reference):
@@ -406,7 +395,7 @@ def test_resume_after_kill_is_byte_identical(corpus, reference, tmp_path, capsys
     code, stdout, err = run(capsys, *args, "--resume")
     assert code == 0, err
     assert "resuming at shard 2" in stdout
-    assert dir_bytes(out) == dir_bytes(reference)
+    assert shard_bytes(out) == shard_bytes(reference)
     assert not any(".tmp" in f for f in os.listdir(out))
 
 
@@ -440,7 +429,7 @@ def test_resume_mid_document_and_after_max_tokens(corpus, reference, tmp_path, c
     assert state["resume"] == {"shard": mid + 1, "doc": doc, "offset": int(bounds[mid] - doc_starts[doc])}
     code, _, err = run(capsys, *args, "--resume", "--streaming")  # the streamed reader skips ahead as well
     assert code == 0, err
-    assert dir_bytes(out) == dir_bytes(reference)
+    assert shard_bytes(out) == shard_bytes(reference)
 
     # a prefix of the corpus that ends mid-shard, then extended to all of it
     prefix_out = tmp_path / "prefix"
@@ -451,7 +440,7 @@ def test_resume_mid_document_and_after_max_tokens(corpus, reference, tmp_path, c
     assert json.loads((prefix_out / "prep.json").read_text())["tokens"]["total"] == cut
     code, _, err = run(capsys, *pargs, "--resume")
     assert code == 0, err
-    assert dir_bytes(prefix_out) == dir_bytes(reference) and len(stream_of(prefix_out)) == total
+    assert shard_bytes(prefix_out) == shard_bytes(reference) and len(stream_of(prefix_out)) == total
 
     # resuming a complete output changes nothing; asking for fewer tokens than it has is refused
     before = {f: os.stat(prefix_out / f).st_mtime_ns for f in os.listdir(prefix_out)}
@@ -466,14 +455,14 @@ def test_refuses_to_overwrite_without_a_flag(corpus, reference, tmp_path, capsys
     out = tmp_path / "out"
     shutil.copytree(reference, out)
     (out / "notes.txt").write_text("kept")
-    before = dir_bytes(out)
+    before = shard_bytes(out)
     args = ["--data_files", corpus["parquet"], "--out_dir", out, "--cache_dir", corpus["cache"]]
     line = assert_one_line_error(run(capsys, *args, "--shard_size", 3000)[::2], code=None)
     assert "--resume" in line and "--overwrite" in line
     line = assert_one_line_error(run(capsys, *args, "--shard_size", 3000, "--val_tokens", VAL, "--resume")[::2],
                                  code=None)
     assert "shard_size" in line  # settings differ from the state: resuming would mix two layouts
-    assert dir_bytes(out) == before
+    assert shard_bytes(out) == before
 
     code, _, err = run(capsys, *args, "--shard_size", 3000, "--val_tokens", 0, "--overwrite")
     assert code == 0, err
@@ -485,11 +474,11 @@ def test_refuses_to_overwrite_without_a_flag(corpus, reference, tmp_path, capsys
 
     # shards under another prefix would be read along with ours: refused even with --overwrite
     (out / "old_train_000001.bin").write_bytes((out / files[0]).read_bytes())
-    before = dir_bytes(out)
+    before = shard_bytes(out)
     line = assert_one_line_error(run(capsys, *args, "--shard_size", 3000, "--val_tokens", 0, "--overwrite")[::2],
                                  code=None)
     assert "old_train_000001.bin" in line
-    assert dir_bytes(out) == before
+    assert shard_bytes(out) == before
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -605,4 +594,4 @@ def test_spawn_start_method_gives_identical_bytes(corpus, reference, tmp_path):
     proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, timeout=120,
                           env=child_env())
     assert proc.returncode == 0, proc.stderr
-    assert dir_bytes(out) == dir_bytes(reference)
+    assert shard_bytes(out) == shard_bytes(reference)
