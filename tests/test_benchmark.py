@@ -1,9 +1,11 @@
-"""benchmarks/bench_step.py: the manual-attention baseline computes what SDPA does, the memory probe sees an
+"""benchmarks/: bench_step.py's manual-attention baseline computes what SDPA does, the memory probe sees an
 allocation, MFU shares one yardstick and never exceeds 100%, and the ladder's ratios follow from its own rows; then
-the chunked head + cross-entropy against the plain one."""
+the chunked head + cross-entropy against the plain one; and gpu_check.sh, the one-script GPU check, end to end in its
+--cpu-smoke mode: every check passes and its summary carries the numbers behind the verdicts; a check that fails
+makes the script exit non-zero, and a machine where torch.compile cannot build a kernel fails the preflight in one
+line. (memory_table.py is tested in test_memory.py.)"""
 
-import contextlib
-import io
+import functools
 import os
 import re
 import subprocess
@@ -12,33 +14,18 @@ import sys
 import pytest
 import torch
 
+import bench_step
 import train_gpt2 as tg
+from conftest import ROOT, cli, loss_and_grads, make_shards, tiny_config
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-import bench_step  # noqa: E402
-
-
-def bench(argv):
-    """bench_step.main(argv) in this process: (exit code, stdout, stderr), like a finished subprocess."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            bench_step.main([str(a) for a in argv])
-        except SystemExit as e:
-            code = e.code
-    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
-
-
-def small_config(**overrides) -> tg.GPTConfig:
-    return tg.GPTConfig(**{**dict(block_size=32, n_layer=2, n_head=4, n_embd=64), **overrides})
+bench = functools.partial(cli, main=bench_step.main)  # bench_step.py's command line in this process
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(pos="rope", n_kv_head=1, mlp="swiglu", norm="rmsnorm", bias=False),
                                        dict(n_kv_head=2)], ids=["classic", "modern", "gqa"])
 def test_manual_attention_computes_what_sdpa_does(overrides):
     torch.manual_seed(0)
-    model = tg.GPT(small_config(**overrides))
+    model = tg.GPT(tiny_config(gpt2_vocab=True, block_size=32, **overrides))
     idx = torch.randint(0, 50257, (2, 24))
     targets = torch.randint(0, 50257, (2, 24))
     _, loss = model(idx, targets)
@@ -94,7 +81,8 @@ def test_unpadded_vocabulary_and_switches_reach_the_model(monkeypatch):
     calls = []
     real_manual = bench_step.manual_attention
     monkeypatch.setattr(bench_step, "manual_attention", lambda *a, **k: calls.append(1) or real_manual(*a, **k))
-    result = bench_step.time_training_step(small_config(), torch.device("cpu"), batch_size=2, seq_len=16, steps=2,
+    config = tiny_config(gpt2_vocab=True, block_size=32)
+    result = bench_step.time_training_step(config, torch.device("cpu"), batch_size=2, seq_len=16, steps=2,
                                            warmup=1, sdpa=False, padded=False, fused=False)
     assert seen["config"].padded_vocab_size == seen["config"].vocab_size == 50257
     assert len(calls) == (1 + 2) * 2  # each of the 3 steps, in both layers, went through the manual attention
@@ -124,27 +112,13 @@ def test_ladder_rows_ratios_and_skips(tmp_path):
     assert re.search(r"\| \+ torch.compile \| [\d.]+ \|", out)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# the chunked head + cross-entropy
-
-
-def loss_and_grads(model, idx, targets, chunked, autocast_dtype=None):
-    model.zero_grad(set_to_none=True)
-    model.chunked_loss = chunked
-    ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else torch.autocast("cpu", enabled=False)
-    with ctx:
-        logits, loss = model(idx, targets)
-    loss.backward()
-    return logits, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("overrides", [{}, dict(pos="rope", n_kv_head=1, mlp="swiglu", norm="rmsnorm", bias=False,
                                                 tie_embeddings=False)], ids=["classic-tied", "modern-untied"])
 def test_chunked_loss_gives_the_plain_loss_and_gradients(monkeypatch, overrides):
     for name in ("LOSS_CHUNK_ROWS", "LOSS_CHUNK_ROWS_CPU"):
         monkeypatch.setattr(tg, name, 7)  # 48 positions: 6 full chunks and a ragged one
     torch.manual_seed(0)
-    model = tg.GPT(small_config(**overrides))
+    model = tg.GPT(tiny_config(gpt2_vocab=True, block_size=32, **overrides))
     idx = torch.randint(0, 50257, (2, 24))
     targets = torch.randint(0, 50257, (2, 24))
     targets[0, 5:9] = -1  # ignored positions carry neither loss nor gradient
@@ -206,7 +180,7 @@ def test_chunked_loss_lowers_peak_memory(monkeypatch):
     GPU's chunk; a CPU's default of 2,048 rows would make this one chunk)."""
     monkeypatch.setattr(tg, "LOSS_CHUNK_ROWS_CPU", tg.LOSS_CHUNK_ROWS)
     torch.manual_seed(0)
-    model = tg.GPT(small_config(block_size=256))
+    model = tg.GPT(tiny_config(gpt2_vocab=True, block_size=256))
     idx = torch.randint(0, 50257, (8, 256))
     peaks = {}
     for chunked in (True, False):
@@ -244,7 +218,6 @@ def test_compiled_chunk_has_no_matmul_bias_copy():
 
 
 def test_loader_speed_is_set_beside_the_step(tmp_path):
-    from test_train import make_shards
     data = str(tmp_path / "shards")
     make_shards(data)
     result = bench(["--model", "d2", "--seq_len", "32", "--batch_size", "2", "--device", "cpu", "--steps", "2",
@@ -263,3 +236,89 @@ def test_loader_speed_is_set_beside_the_step(tmp_path):
     result = bench(["--model", "d2", "--seq_len", "32", "--batch_size", "2", "--device", "cpu", "--steps", "1",
                     "--warmup", "0", "--data_dir", str(tmp_path / "none")])
     assert result.returncode == 0 and "loader: not timed (data directory" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# benchmarks/gpu_check.sh --cpu-smoke: every check passes, with its numbers; a failing check fails the script
+
+GPU_CHECK = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+
+
+def run_gpu_check(*args, env_extra=None):
+    env = {**os.environ, "PYTHON": sys.executable, **(env_extra or {})}
+    return subprocess.run(["bash", GPU_CHECK, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+
+
+def summary_of(r):
+    assert "gpu_check summary" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout.split("gpu_check summary", 1)[1]
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    return run_gpu_check("--cpu-smoke")
+
+
+def test_cpu_smoke_passes_every_check(smoke):
+    assert smoke.returncode == 0, smoke.stdout[-4000:] + smoke.stderr[-4000:]
+    summary = summary_of(smoke)
+    for check in ("ladder", "loss", "ddp", "train", "fp16", "resume"):
+        assert re.search(rf"^PASS +{check} ", summary, re.M), summary
+    assert not re.search(r"^(FAIL|SKIP) ", summary, re.M)
+    assert summary.rstrip().endswith("RESULT: PASS")
+    assert re.search(r"^device: CPU .*torch \d", summary, re.M)
+
+
+def test_cpu_smoke_summary_holds_the_numbers(smoke):
+    summary = summary_of(smoke)
+    # the training loss fell, by the numbers the verdict quotes
+    first, last = map(float, re.search(r"^PASS +train +loss ([\d.]+) -> ([\d.]+) ", summary, re.M).groups())
+    assert last < first / 2 and first > 5  # from about ln(50257) = 10.8 at initialisation
+    assert re.search(r"^  60 steps: median [\d,]+ tok/s, MFU [\d.]+%", summary, re.M)
+    # the ladder's 8 rows, tok/s and MFU for each timed one, and its last two rows set side by side
+    rows = re.findall(r"^  ([+f].*?)\s+([\d.]+) ms\s+([\d,]+) tok/s  MFU\s+([\d.]+%|n/a)", summary, re.M)
+    skipped = re.findall(r"^  \+ .*? skipped: ", summary, re.M)  # TF32 on any CPU, bf16 on one without it
+    assert len(rows) + len(skipped) == 8 and "skipped: TF32 is a CUDA tensor-core mode" in summary
+    assert rows[-2][0] == "+ torch.compile" and rows[-1][0] == "+ chunked linear + cross-entropy"
+    assert all(float(tok.replace(",", "")) > 0 for _, _, tok, _ in rows)
+    assert re.search(r"chunked vs plain head, compiled .*: [\d.]+x tok/s", summary)
+    # the resumed run matched the uninterrupted one exactly (fp32 on CPU), after stopping early
+    stopped = int(re.search(r"^PASS +resume +stopped at step (\d+) and resumed: losses at all 16 steps and final "
+                            r"weights identical", summary, re.M).group(1))
+    assert 1 <= stopped < 16
+    # the chunked head beside the plain one in both half precisions, each gradient measured against fp32
+    rows = re.findall(r"^  (bfloat16|float16) (eager|compiled) +loss ([\d.]+) plain, ([\d.]+) chunked; gradient off "
+                      r"fp32 by ([\d.e+-]+) plain, ([\d.e+-]+) chunked$", summary, re.M)
+    assert [(d, m) for d, m, *_ in rows] == [("bfloat16", "eager"), ("bfloat16", "compiled"), ("float16", "eager"),
+                                             ("float16", "compiled")]
+    for _, _, loss_plain, loss_chunked, err_plain, err_chunked in rows:
+        assert float(loss_chunked) == pytest.approx(float(loss_plain), rel=1e-2)
+        assert 0 < float(err_chunked) <= 2 * float(err_plain) + 1e-4
+    ddp = re.search(r"^  gloo, float32: loss ([\d.]+) alone, ([\d.]+) under DDP", summary, re.M)
+    assert ddp and ddp.group(1) == ddp.group(2)
+    fp16 = re.search(r"^  loss ([\d.]+) -> ([\d.]+) over 24 steps, loss scale ([\d.e+]+) at the end$", summary, re.M)
+    assert fp16 and float(fp16.group(2)) < float(fp16.group(1)) / 2 and float(fp16.group(3)) > 0
+
+
+def test_a_failing_check_fails_the_script():
+    # --lr 0: the weights never move, so the loss cannot fall to half; a few eager steps keep this cheap
+    r = run_gpu_check("--cpu-smoke", "--only", "train",
+                      env_extra={"GPU_CHECK_TRAIN_FLAGS": "--lr 0 --no-compile --max_steps 4 --warmup_steps 1"})
+    assert r.returncode != 0
+    summary = summary_of(r)
+    m = re.search(r"^FAIL +train +train loss did not fall: loss ([\d.]+) -> ([\d.]+) ", summary, re.M)
+    assert m and float(m.group(2)) > float(m.group(1)) / 2, summary
+    for check in ("ladder", "loss", "ddp", "fp16", "resume"):
+        assert re.search(rf"^SKIP +{check} ", summary, re.M), check
+    assert summary.rstrip().endswith("RESULT: FAIL (1 of the checks run failed)")
+    assert "gpu_check: FAIL train: train loss did not fall" in r.stderr  # one clear line as it happens
+
+
+def test_a_machine_that_cannot_compile_fails_the_preflight_in_one_line():
+    # Inductor builds CPU kernels with $CXX: one that does not exist is a machine without a C++ compiler
+    r = run_gpu_check("--cpu-smoke", "--only", "train", env_extra={"CXX": "/nonexistent/g++"})
+    assert r.returncode != 0
+    assert "gpu_check summary" not in r.stdout  # it stopped before any check
+    lines = [line for line in r.stderr.splitlines() if line.startswith("gpu_check:")]
+    assert len(lines) == 1, r.stderr
+    assert "torch.compile cannot build a kernel" in lines[0] and "--no-compile" in lines[0], r.stderr

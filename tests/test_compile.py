@@ -11,21 +11,22 @@
   optimizer steps, the step boundary being the trainer's call of lr_at. Startup, the first step and the last step
   (which saves the checkpoint) are left out; every step in between may sync at most once.
 
-Everything runs in this process on the CPU, on a 2-layer, 64-wide model."""
+Everything runs in this process on the CPU, on a 2-layer, 64-wide model; and the command line under --compile (with
+inductor, in a forked process) trains, evaluates and samples as the eager run does."""
 
 import functools
 import os
 import traceback
 
-import numpy as np
 import pytest
 import torch
-from test_speedrun import document_shards
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_gpt2 as tg
-from test_options import cli, kept_global_state, ok
+from conftest import TINY, cli, loss_and_grads, ok, read_log, run_cli
+
+pytestmark = pytest.mark.usefixtures("global_state")  # in-process runs: seeds and one thread, put back after
 
 # d2's depth at a quarter of its width, 4 heads of 16; 2 micro-steps of 4 x 32 tokens per optimizer step. The
 # evaluation, sampling and periodic checkpoints are off: only the final save (after the last step) happens.
@@ -40,19 +41,6 @@ VARIANTS = {
 }
 LOSSES = {"chunked": "--chunked_loss", "plain": "--no-chunked_loss"}
 TRAINER = os.path.abspath(tg.__file__)
-
-
-@pytest.fixture(autouse=True)
-def global_state():
-    with kept_global_state():
-        yield
-
-
-@pytest.fixture(scope="module")
-def docs(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("compile_docs"))
-    document_shards(folder, np.random.default_rng(3).integers(5, 90, 260), val=3000)
-    return folder
 
 
 class StartList(list):
@@ -137,15 +125,6 @@ def test_evaluation_between_steps_compiles_once_and_then_reuses_both_graphs(monk
     assert starts[1][0] == 2 and starts[1] == end, f"(graphs, frames) at the start of steps 1-6: {starts}, end: {end}"
 
 
-def loss_and_grads(model: tg.GPT, forward, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """forward(idx, targets)'s loss and the gradients it leaves on model's parameters (then cleared)."""
-    _, loss = forward(idx, targets)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    return loss, grads
-
-
 def traced(model: tg.GPT, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict, set[str]]:
     """Loss and gradients of model compiled with a backend that runs dynamo's graph as traced, and the names of the
     functions that graph calls."""
@@ -156,7 +135,7 @@ def traced(model: tg.GPT, idx: torch.Tensor, targets: torch.Tensor) -> tuple[tor
         return gm.forward
 
     torch._dynamo.reset()
-    loss, grads = loss_and_grads(model, torch.compile(model, backend=backend, fullgraph=True), idx, targets)
+    _, loss, grads = loss_and_grads(model, idx, targets, forward=torch.compile(model, backend=backend, fullgraph=True))
     torch._dynamo.reset()
     return loss, grads, calls
 
@@ -169,7 +148,7 @@ def test_compiled_cpu_forms_give_the_eager_loss_and_gradients(seq_len):
     torch.manual_seed(0)
     model = tg.GPT(tg.GPTConfig(block_size=seq_len, n_layer=2, n_head=4, n_embd=64))
     idx, targets = torch.randint(0, 50257, (2, 2, seq_len))
-    loss, grads = loss_and_grads(model, model, idx, targets)
+    _, loss, grads = loss_and_grads(model, idx, targets)
     compiled_loss, compiled_grads, calls = traced(model, idx, targets)
     assert "gelu" not in calls and "sigmoid" in calls, sorted(calls)
     explicit = seq_len <= tg.CPU_EXPLICIT_ATTENTION_MAX_LEN
@@ -257,3 +236,21 @@ def test_at_most_one_host_sync_per_training_step(monkeypatch, step_starts, docs,
     assert all(len(events) <= 1 for events in per_step.values()), (
         f"host syncs per steady-state step: {[len(e) for e in per_step.values()]} (at most 1 allowed); one step's:\n"
         + "\n".join(f"  {what} at {where}" for what, where in worst))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the command line under --compile, with inductor: the eager run's numbers
+
+
+def test_compiled_run_trains_evaluates_and_samples_like_eager(data_dir, tmp_path):
+    common = TINY + ["--data_dir", data_dir, "--max_steps", "2", "--val_every", "2", "--sample_every", "2"]
+    eager, compiled = str(tmp_path / "eager"), str(tmp_path / "compiled")
+    r1 = run_cli(common + ["--out_dir", eager, "--no-compile"])
+    r2 = run_cli(common + ["--out_dir", compiled, "--compile"])
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
+    assert "compile True" in r2.stdout and "sample:" in r2.stdout
+    for a, b in zip(read_log(eager), read_log(compiled)):
+        for key in ("train_loss", "val_loss", "grad_norm"):
+            if key in a:  # inductor fuses differently: equal up to fp32 rounding
+                assert a[key] == pytest.approx(b[key], rel=1e-4)
+    assert "val_loss" in read_log(compiled)[-1]

@@ -12,17 +12,10 @@ import time
 import pytest
 import torch
 
-from test_train import ROOT, SCRIPT, TINY, load_weights, make_shards, run_cli
+from conftest import ROOT, SCRIPT, TINY, load_weights, run_cli
 
 STEPS = 24
 RUN = TINY + ["--max_steps", str(STEPS), "--val_every", "0"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("fault_shards"))
-    make_shards(folder, train_sizes=(6000, 5000), val_size=3000)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,11 @@
 Checks for gpt2_tokens.py, the torch-free part that prepare_fineweb.py tokenises and writes shards with, against
 train_gpt2.py's own tokenizer (tiktoken) and shard reader: the same constants on both sides, the same ids for every
 text (awkward ones included), shards byte-identical to those that tiktoken's ids give, the tiktoken fallback where
-fastokens cannot be imported, and a prep that never imports torch.
+fastokens cannot be imported. (That prep never imports torch is tested in test_imports.py.)
 """
 
 from __future__ import annotations
 
-import ast
-import json
 import os
 import random
 import re
@@ -19,12 +17,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-import gpt2_tokens  # noqa: E402
-import prepare_fineweb  # noqa: E402
-import train_gpt2  # noqa: E402
+import gpt2_tokens
+import prepare_fineweb
+import train_gpt2
+from conftest import child_env, expected_tokens, shard_bytes, write_jsonl
 
 EOT = 50256  # <|endoftext|> in GPT-2's published vocabulary
 SHARD = 3000  # tokens per shard in these tests: every output has several, and documents cross their boundaries
@@ -67,11 +63,6 @@ def tiktoken_ids(text: str) -> list[int]:
     return train_gpt2.get_tokenizer().encode_ordinary(text)
 
 
-def tiktoken_stream(texts: list[str]) -> np.ndarray:
-    """The token stream the shards must hold, from train_gpt2's tiktoken tokenizer: <|endoftext|> + text, each."""
-    return np.array([t for text in texts for t in [EOT, *tiktoken_ids(text)]], dtype=np.uint16)
-
-
 def llmc_shard(tokens: np.ndarray) -> bytes:
     """llm.c's shard layout written out by hand: 256 little-endian int32 (magic, version, token count, then zeros),
     then the tokens as little-endian uint16."""
@@ -83,7 +74,7 @@ def tiktoken_shards(texts: list[str], out_dir, prefix: str, shard_size: int, val
     """Shards as the README lays them out, written by hand (llmc_shard) from tiktoken's ids: the val split is
     the first val_tokens tokens, in shards of at most shard_size, then train shards of shard_size, the last partial;
     shard indices run on across the two splits."""
-    stream = tiktoken_stream(texts)
+    stream = expected_tokens(texts)[0]
     cuts = [*range(0, min(val_tokens, len(stream)), shard_size), *range(val_tokens, len(stream), shard_size)]
     os.makedirs(out_dir, exist_ok=True)
     for index, start in enumerate(cuts):
@@ -93,16 +84,6 @@ def tiktoken_shards(texts: list[str], out_dir, prefix: str, shard_size: int, val
         split = "val" if start < val_tokens else "train"
         with open(os.path.join(out_dir, f"{prefix}_{split}_{index:06d}.bin"), "wb") as f:
             f.write(llmc_shard(stream[start:end]))
-
-
-def shard_bytes(out_dir) -> dict[str, bytes]:
-    return {f: open(os.path.join(out_dir, f), "rb").read() for f in sorted(os.listdir(out_dir)) if f.endswith(".bin")}
-
-
-def write_jsonl(path, texts: list[str]) -> str:
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
-    return str(path)
 
 
 def backends() -> list:
@@ -159,36 +140,6 @@ def test_damaged_shards_are_refused_on_both_sides(damage, tmp_path):
             side.read_shard(str(path))
 
 
-def test_imports_run_one_way():
-    """prep and its token module import neither torch nor train_gpt2; train_gpt2 imports neither of them."""
-
-    def imported(name: str) -> set[str]:
-        tree = ast.parse(open(os.path.join(REPO, name)).read())
-        names = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                names |= {alias.name.split(".")[0] for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names.add(node.module.split(".")[0])
-        return names
-
-    for helper in ("prepare_fineweb.py", "gpt2_tokens.py"):
-        assert not imported(helper) & {"torch", "train_gpt2"}, helper
-    assert "gpt2_tokens" in imported("prepare_fineweb.py")
-    assert not imported("train_gpt2.py") & {"gpt2_tokens", "prepare_fineweb"}
-
-
-def test_a_whole_prep_run_never_imports_torch(tmp_path):
-    """Not at import, and not during a run either (datasets, for one, imports torch where asked to format for it)."""
-    code = ("import sys; import prepare_fineweb; at_import = sorted({'torch', 'train_gpt2'} & set(sys.modules)); "
-            f"code = prepare_fineweb.main(['--sample', '--out_dir', {str(tmp_path / 'out')!r}, "
-            f"'--cache_dir', {str(tmp_path / 'hf')!r}]); "
-            "print(at_import, sorted({'torch', 'train_gpt2'} & set(sys.modules)), code)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "[] [] 0"
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the same ids as tiktoken's
 
@@ -200,7 +151,7 @@ def test_awkward_texts_get_tiktokens_ids(bpe_class):
     tokens, lengths = bpe.encode_batch(texts)
     assert tokens.dtype == np.uint16
     assert lengths.tolist() == [len(tiktoken_ids(t)) + 1 for t in texts]
-    assert np.array_equal(tokens, tiktoken_stream(texts))
+    assert np.array_equal(tokens, expected_tokens(texts)[0])
     for text in SURROGATE_TEXTS + awkward_texts(n_random=20, seed=1):  # one at a time: no batch to lean on
         assert bpe.encode(text) == tiktoken_ids(text), repr(text)
 
@@ -219,7 +170,7 @@ def test_surrogates_are_repaired_as_tiktoken_repairs_them():
 def test_bundled_corpus_gets_tiktokens_ids(bpe_class):
     texts = pq.read_table(prepare_fineweb.SAMPLE_PATH).column("text").to_pylist()
     tokens, lengths = bpe_class().encode_batch(texts)
-    assert np.array_equal(tokens, tiktoken_stream(texts)) and len(tokens) > 1_900_000
+    assert np.array_equal(tokens, expected_tokens(texts)[0]) and len(tokens) > 1_900_000
     assert lengths.tolist() == [len(tiktoken_ids(t)) + 1 for t in texts]
 
 
@@ -246,7 +197,7 @@ def awkward_corpus(tmp_path_factory) -> dict:
     the shards tiktoken's ids make of them."""
     root = tmp_path_factory.mktemp("awkward")
     texts = awkward_texts()
-    path = write_jsonl(root / "awkward.jsonl", texts)
+    path = write_jsonl(root / "awkward.jsonl", [{"text": t} for t in texts])
     tiktoken_shards(texts, root / "expected", "corpus", SHARD, VAL)
     return {"texts": texts, "path": path, "expected": shard_bytes(root / "expected"), "cache": str(root / "hf")}
 
@@ -285,7 +236,6 @@ def test_surrogates_in_documents_give_tiktokens_shards(awkward_corpus, tmp_path,
 WITHOUT_FASTOKENS = """
 import sys
 sys.modules["fastokens"] = None  # `import fastokens` now raises ImportError, as on a platform without a wheel
-sys.path.insert(0, {repo!r})
 import prepare_fineweb
 
 if __name__ == "__main__":
@@ -295,10 +245,11 @@ if __name__ == "__main__":
 
 def test_without_fastokens_prep_falls_back_to_tiktoken_and_says_so(awkward_corpus, tmp_path):
     script = tmp_path / "without_fastokens.py"
-    script.write_text(WITHOUT_FASTOKENS.format(repo=REPO))
+    script.write_text(WITHOUT_FASTOKENS)
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(script), *prep_args(awkward_corpus, out), "--num_proc", "2"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=child_env())
     assert proc.returncode == 0, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr

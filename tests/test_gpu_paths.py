@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train_gpt2 as tg
-from test_train import ROOT, TINY, make_shards
+from conftest import ROOT, TINY, make_shards
 
 # ---------------------------------------------------------------------------------------------------------------
 # RNG state: this process's GPU only

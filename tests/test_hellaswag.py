@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 import functools
-import http.server
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
-import threading
 from dataclasses import asdict
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import hellaswag_eval as H
+from conftest import HELLASWAG_SAMPLE, ROOT, FileServer, assert_one_line_error, cli, free_port, tiny_config, write_jsonl
+from train_gpt2 import GPT, UserError, get_tokenizer
 
-import hellaswag_eval as H  # noqa: E402
-from train_gpt2 import GPT, GPTConfig, UserError, get_tokenizer  # noqa: E402
-
-SAMPLE = os.path.join(ROOT, "tests", "data", "hellaswag_sample.jsonl")
+SAMPLE = HELLASWAG_SAMPLE
 SCRIPT = os.path.join(ROOT, "hellaswag_eval.py")
 V = 50257
 FP32 = torch.float32
@@ -34,20 +29,9 @@ def raw_records(path=SAMPLE):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_jsonl(path, records):
-    with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    return str(path)
-
-
-def tiny_config(block_size=64):
-    return GPTConfig(block_size=block_size, n_layer=2, n_head=2, n_embd=32)
-
-
 def tiny_gpt(seed=0, block_size=64):
     torch.manual_seed(seed)
-    return GPT(tiny_config(block_size)).eval()
+    return GPT(tiny_config(gpt2_vocab=True, block_size=block_size, n_head=2, n_embd=32)).eval()
 
 
 @functools.lru_cache(maxsize=1)
@@ -129,36 +113,9 @@ def test_not_json_and_missing_file(tmp_path):
         H.load_examples(str(tmp_path / "nope.jsonl"))
 
 
-class _Server:
-    """A one-file HTTP server on 127.0.0.1 that counts requests."""
-
-    def __init__(self, body: bytes):
-        server = self
-        self.requests = 0
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.requests += 1
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}/hellaswag_val.jsonl"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def test_download_once_into_cache(tmp_path, monkeypatch):
     with open(SAMPLE, "rb") as f:
-        server = _Server(f.read())
+        server = FileServer(f.read())
     try:
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
         monkeypatch.setattr(H, "HELLASWAG_URL", server.url)
@@ -174,7 +131,7 @@ def test_download_once_into_cache(tmp_path, monkeypatch):
 
 
 def test_download_of_something_else_is_not_cached(tmp_path, monkeypatch):
-    server = _Server(b"<html>rate limited</html>\n")
+    server = FileServer(b"<html>rate limited</html>\n")
     try:
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
         monkeypatch.setattr(H, "HELLASWAG_URL", server.url)
@@ -186,10 +143,7 @@ def test_download_of_something_else_is_not_cached(tmp_path, monkeypatch):
 
 
 def _closed_port_url():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/hellaswag_val.jsonl"
+    return f"http://127.0.0.1:{free_port()}/hellaswag_val.jsonl"
 
 
 def test_offline_download_is_one_line_naming_data_file(tmp_path, monkeypatch, capsys):
@@ -406,18 +360,8 @@ def test_cli_text_lm_eval_and_the_printed_line(checkpoint, tmp_path, capsys):
             f"acc_norm_chars={expected['acc_norm_chars']:.4f} ") in stdout
     stripped = tmp_path / "stripped.jsonl"
     write_jsonl(stripped, [{k: v for k, v in r.items() if k != "ctx_b"} for r in raw_records()])
-    assert "ctx_b" in _one_line_error(capsys, ["--checkpoint", path, "--data_file", str(stripped), "--text", "lm_eval"])
-    assert "invalid choice" in _one_line_error(capsys, ["--checkpoint", path, "--text", "lm-eval"])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# distributed: 2 gloo processes equal 1 process exactly
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    assert "ctx_b" in _one_line_error(["--checkpoint", path, "--data_file", str(stripped), "--text", "lm_eval"])
+    assert "invalid choice" in _one_line_error(["--checkpoint", path, "--text", "lm-eval"])
 
 
 def _ddp_worker(rank, world_size, port, cases, out_dir):
@@ -450,7 +394,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     # 13 examples in batches of 2: 7 batches, 4 + 3 per rank; a single example: rank 1 has nothing of its own
     cases = [(n, 2), (n, 5), (1, 4)]
     assert n % 2 == 1
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), cases, str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), cases, str(tmp_path)), nprocs=2, join=True)
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     model = tiny_gpt(seed=5)
     for k, (limit, batch_size) in enumerate(cases):
@@ -566,12 +510,13 @@ def test_hf_model_with_its_own_tokenizer(tmp_path, capsys):
     assert saved["acc_norm"] == accuracy(torch.tensor(means), labels)
 
 
-def _one_line_error(capsys, argv):
-    rc = H.main(argv)
-    out, err = capsys.readouterr()
-    assert rc != 0 and out == ""
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    return err
+def _one_line_error(argv):
+    """hellaswag_eval's command line on bad input: one error line, and nothing on stdout."""
+    r = cli(argv, main=H.main)
+    assert r.stdout == ""
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert_one_line_error(r, code=None)
+    return r.stderr
 
 
 def test_cli_bad_input_is_one_line(checkpoint, tmp_path, capsys):
@@ -593,12 +538,12 @@ def test_cli_bad_input_is_one_line(checkpoint, tmp_path, capsys):
         (["--plot", str(tmp_path / "no_run")], "no training log"),
     ]
     for argv, message in cases:
-        assert message in _one_line_error(capsys, argv), argv
+        assert message in _one_line_error(argv), argv
 
 
 def test_cli_missing_transformers(hf_dir, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
-    err = _one_line_error(capsys, ["--hf_model", hf_dir, "--data_file", SAMPLE])
+    err = _one_line_error(["--hf_model", hf_dir, "--data_file", SAMPLE])
     assert "pip install transformers" in err
 
 
@@ -657,5 +602,5 @@ def test_plot_overlays_runs(tmp_path, capsys):
 def test_plot_needs_matplotlib(tmp_path, monkeypatch, capsys):
     _write_log(tmp_path / "run", [{"step": 1, "train_loss": 5.0}])
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    err = _one_line_error(capsys, ["--plot", str(tmp_path / "run"), "--png", str(tmp_path / "x.png")])
+    err = _one_line_error(["--plot", str(tmp_path / "run"), "--png", str(tmp_path / "x.png")])
     assert "pip install matplotlib" in err

@@ -19,17 +19,15 @@ from dataclasses import asdict
 import pytest
 import torch
 
+import hellaswag_eval as H
+import train_gpt2 as tg
+from conftest import HELLASWAG_SAMPLE, ROOT, randomize_, tiny_model
+
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -r requirements-test.txt)")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import hellaswag_eval as H  # noqa: E402
-import train_gpt2 as tg  # noqa: E402
-
-BUNDLED = os.path.join(ROOT, "tests", "data", "hellaswag_sample.jsonl")
+BUNDLED = HELLASWAG_SAMPLE
 EXPORT_SCRIPT = os.path.join(ROOT, "export_hf.py")
-README = os.path.join(ROOT, "README.md")
+LM_EVAL_DOC = os.path.join(ROOT, "README.md")  # the document that gives the task files and the `lm_eval run` command
 FP32 = torch.float32
 
 # The local tasks, as the README gives them (with the README's data file path in its place).
@@ -127,17 +125,12 @@ def run_all(commands, env, cwd, timeout=600):
         assert p.returncode == 0, f"{argv[:4]} exited {p.returncode}:\n{output[-4000:]}"
 
 
-def tiny_model(seed=60, block_size=128, **overrides) -> tg.GPT:
+def lm_eval_model(seed=60, block_size=128, **overrides):
     """A 2-layer GPT-2 with the full vocabulary and spread-out weights, so that endings get clearly different
     scores; block_size 128 holds every example whole (lm-eval and we cut over-long inputs differently)."""
-    torch.manual_seed(seed)
-    model = tg.GPT(tg.GPTConfig(block_size=block_size, n_layer=2, n_head=4, n_embd=64, **overrides))
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * 0.1
-            p.copy_(1.0 + noise if p.dim() == 1 and not name.endswith("bias") else noise)  # gains around 1
-    return model.eval()
+    model = tiny_model(seed, gpt2_vocab=True, block_size=block_size, **overrides)
+    gains = lambda name, p: p.dim() == 1 and not name.endswith("bias")  # noqa: E731
+    return randomize_(model, seed=seed + 100, std=0.1, around_one=gains).eval()
 
 
 def relabelled(path) -> str:
@@ -167,7 +160,7 @@ def runs(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("lm_eval")
     data_file = relabelled(root / "hellaswag_sample.jsonl")
     env = offline_env(root / "hf_home")
-    model = tiny_model(**KINDS[request.param])
+    model = lm_eval_model(**KINDS[request.param])
     custom = request.param != "gpt2"
     ckpt = str(root / "tiny.pt")
     torch.save({"model": model.state_dict(), "config": asdict(model.config), "step": 1}, ckpt)
@@ -269,7 +262,7 @@ def test_lm_eval_command_line_equals_simple_evaluate(runs):
 
 
 def test_readme_gives_these_task_files_and_this_command():
-    with open(README) as f:
+    with open(LM_EVAL_DOC) as f:
         text = f.read()
     section = text[text.index("### lm-evaluation-harness"):text.index("## Python API")]
     files = {}

@@ -9,23 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import io
-import os
-import sys
 
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-import train_gpt2 as t  # noqa: E402
-
-spec = importlib.util.spec_from_file_location("memory_table", os.path.join(REPO, "benchmarks", "memory_table.py"))
-mt = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = mt  # dataclasses look their module up by name while the file executes
-spec.loader.exec_module(mt)
+import memory_table as mt
+import train_gpt2 as t
 
 # The formula is exact to the byte on the pinned torch; 2% leaves room for a release that saves one more small tensor
 # (a statistic, an RNG seed) without hiding a missed activation, which would cost far more than that.

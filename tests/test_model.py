@@ -1,69 +1,25 @@
 """
-Checks for the model, optimizer and schedule of train_gpt2.py: parity with Hugging Face's GPT2LMHeadModel, causality,
-weight tying, parameter counts, initialisation statistics, the learning-rate schedule, AdamW decay groups, gradient
-accumulation, vocabulary masking in generation, and the size presets. Models are tiny and fp32 (this CPU emulates
-bf16), except where a statistic or a published count needs the real size.
+Checks for the model of train_gpt2.py as GPT-2 was released: parity with Hugging Face's GPT2LMHeadModel, causality,
+weight tying, parameter counts, initialisation statistics, gradient accumulation, vocabulary masking in generation,
+bf16 autocast and the size presets. Models are tiny and fp32 (this CPU emulates bf16), except where a statistic or a
+published count needs the real size. The options beyond GPT-2 are tested in test_model_options.py, the optimizers
+and the learning-rate schedule in test_optim.py.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from conftest import VP, V, quiet_transformers, randomize_, tiny_model, tokens
+from train_gpt2 import GPT, PRESETS, GPTConfig, UserError, model_config
 
-from train_gpt2 import (  # noqa: E402
-    GPT,
-    PRESETS,
-    GPTConfig,
-    UserError,
-    adamw,
-    lr_at,
-    model_config,
-)
-
-
-def configure_optimizer(model, lr, weight_decay, device_type):
-    """AdamW over the whole model, as the trainer builds it for --optimizer adamw."""
-    return adamw(list(model.parameters()), lr, weight_decay, device_type)
-
-
-V, VP = 300, 320  # a small vocabulary and its padded size: the model never predicts ids in [V, VP)
 GPT2_SMALL_PARAMS = 124_439_808  # GPT-2 small (124M) as released and as Hugging Face counts it, embeddings tied
-
-
-def tiny_config(**overrides) -> GPTConfig:
-    values = dict(block_size=64, vocab_size=V, padded_vocab_size=VP, n_layer=2, n_head=4, n_embd=64)
-    values.update(overrides)
-    return GPTConfig(**values)
-
-
-def tiny_model(seed: int = 0, **overrides) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(tiny_config(**overrides))
-
-
-def randomize_(model: nn.Module, seed: int, std: float = 0.2) -> nn.Module:
-    """Give every parameter (biases and LayerNorm gains too) non-trivial values, so that a weight loaded into the
-    wrong place, left untransposed or ignored changes the output, and attention is far from uniform."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * std
-            p.copy_(1.0 + noise if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else noise)
-    return model
-
-
-def tokens(shape, seed: int = 0, high: int = V) -> torch.Tensor:
-    return torch.randint(0, high, shape, generator=torch.Generator().manual_seed(seed))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -72,9 +28,7 @@ def tokens(shape, seed: int = 0, high: int = V) -> torch.Tensor:
 
 def hf_gpt2(**overrides):
     """A small random GPT2LMHeadModel built from a config alone (no download), in eval mode with no dropout."""
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    transformers = quiet_transformers()
     values = dict(vocab_size=V, n_positions=64, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
                   attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     values.update(overrides)
@@ -349,114 +303,6 @@ def test_vocab_mask_is_minus_infinity_on_padding_only(medium_model):
     assert torch.all(logits[..., 1000:] == float("-inf"))
     assert torch.isfinite(logits[..., :1000]).all()
     assert medium_model.state_dict().keys() == dict(medium_model.named_parameters(remove_duplicate=False)).keys()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# learning-rate schedule
-
-
-def reference_lr(step, max_lr, warmup, max_steps, ratio):
-    """The schedule as described: linear warmup to max_lr over `warmup` steps, starting at max_lr/warmup, then a
-    half cosine from max_lr down to ratio*max_lr at max_steps, constant after."""
-    lo = ratio * max_lr
-    if step < warmup:
-        return max_lr * (step + 1) / warmup
-    if step >= max_steps:
-        return lo
-    return lo + (max_lr - lo) * (1 + math.cos(math.pi * (step - warmup) / (max_steps - warmup))) / 2
-
-
-SCHEDULES = [(6e-4, 10, 100, 0.1), (1e-3, 715, 19073, 0.1), (3e-4, 0, 50, 0.0), (1.0, 1, 2, 0.5), (2e-3, 5, 6, 0.1)]
-
-
-@pytest.mark.parametrize("max_lr,warmup,max_steps,ratio", SCHEDULES)
-def test_lr_schedule_shape(max_lr, warmup, max_steps, ratio):
-    lrs = [lr_at(s, max_lr, warmup, max_steps, ratio) for s in range(max_steps + 20)]
-    assert lrs[0] > 0
-    # strictly increasing through warmup, peaking at max_lr at its last step
-    assert all(a < b for a, b in zip(lrs[:warmup], lrs[1:warmup]))
-    assert lrs[max(warmup - 1, 0)] == pytest.approx(max_lr, rel=1e-12)
-    assert max(lrs) == pytest.approx(max_lr, rel=1e-12)
-    # never rises after warmup, and is flat at the floor from max_steps on
-    assert all(b <= a + 1e-15 for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))
-    assert all(lr == pytest.approx(ratio * max_lr, rel=1e-12, abs=1e-15) for lr in lrs[max_steps:])
-    assert min(lrs[warmup:]) >= ratio * max_lr - 1e-15
-
-
-@pytest.mark.parametrize("max_lr,warmup,max_steps,ratio", SCHEDULES)
-def test_lr_schedule_matches_reference_formula(max_lr, warmup, max_steps, ratio):
-    points = {0, max(warmup - 1, 0), warmup, (warmup + max_steps) // 2, max_steps - 1, max_steps, max_steps + 7}
-    points |= set(range(0, max_steps + 10, max(1, max_steps // 13)))
-    for s in sorted(points):
-        assert lr_at(s, max_lr, warmup, max_steps, ratio) == pytest.approx(
-            reference_lr(s, max_lr, warmup, max_steps, ratio), rel=1e-12, abs=1e-18), s
-
-
-def test_lr_cosine_midpoint_is_halfway():
-    assert lr_at(55, 1.0, 10, 100, 0.1) == pytest.approx(0.55, rel=1e-12)
-    assert lr_at(10, 1.0, 10, 100, 0.1) == pytest.approx(1.0, rel=1e-12)
-
-
-def test_lr_is_the_floor_from_max_steps_even_when_warmup_is_longer():
-    max_lr, warmup, max_steps, ratio = 6e-4, 715, 100, 0.1
-    for s in (max_steps, max_steps + 1, 500, warmup, 2 * warmup):
-        assert lr_at(s, max_lr, warmup, max_steps, ratio) == pytest.approx(ratio * max_lr), s
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# optimizer
-
-
-def fused_adamw_supported() -> bool:
-    try:
-        torch.optim.AdamW([nn.Parameter(torch.zeros(4))], lr=1e-3, fused=True)
-        return True
-    except (RuntimeError, TypeError):
-        return False
-
-
-def test_decay_groups():
-    model = tiny_model()
-    opt = configure_optimizer(model, lr=1e-3, weight_decay=0.1, device_type="cpu")
-    groups = opt.param_groups
-    in_groups = [p for g in groups for p in g["params"]]
-    assert len(in_groups) == len({id(p) for p in in_groups})  # every tensor once, the tied one included
-    assert sum(1 for p in in_groups if p is model.lm_head.weight) == 1
-    assert {id(p) for p in in_groups} == {id(p) for p in model.parameters()}
-    assert sum(p.numel() for p in in_groups) == model.num_params(exclude_padding=False)
-    for g in groups:
-        if g["params"] and g["params"][0].dim() >= 2:
-            assert g["weight_decay"] == 0.1
-        assert all((p.dim() >= 2) == (g["weight_decay"] > 0) for p in g["params"])
-    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
-    named = dict(model.named_parameters())
-    assert decayed == {id(p) for n, p in named.items() if n.endswith("weight") and "ln_" not in n}
-    assert all(g["lr"] == 1e-3 for g in groups)
-    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-8
-
-
-def test_optimizer_is_fused_where_supported():
-    opt = configure_optimizer(tiny_model(), lr=1e-3, weight_decay=0.1, device_type="cpu")
-    expected = fused_adamw_supported()
-    assert bool(opt.defaults.get("fused")) == expected
-    assert all(bool(g.get("fused")) == expected for g in opt.param_groups)
-    if not expected:
-        assert opt.defaults.get("foreach")
-
-
-def test_weight_decay_applies_once_to_matrices_and_never_to_vectors():
-    """With zero gradients AdamW's update is zero and only the decoupled decay moves the weights: matrices shrink
-    by exactly (1 - lr*wd), the tied one once (not squared), vectors stay put."""
-    model = randomize_(tiny_model(), seed=17)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    lr, wd = 0.01, 0.5
-    opt = configure_optimizer(model, lr=lr, weight_decay=wd, device_type="cpu")
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    for n, p in model.named_parameters():
-        expected = before[n] * (1 - lr * wd) if p.dim() >= 2 else before[n]
-        assert torch.allclose(p, expected, rtol=1e-6, atol=0), n
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,15 +24,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+import export_hf
+import gpt2_tokens
+import prepare_fineweb
+import train_gpt2
+from conftest import ROOT, assert_one_line_error, child_env, expected_tokens, free_port, shard_bytes
 
-import export_hf  # noqa: E402
-import gpt2_tokens  # noqa: E402
-import prepare_fineweb  # noqa: E402
-import train_gpt2  # noqa: E402
-
-SCRIPT = os.path.join(REPO, "prepare_fineweb.py")
+SCRIPT = os.path.join(ROOT, "prepare_fineweb.py")
 SHARD = 2000  # tokens per shard in these tests
 VAL = 1500  # val split: less than one shard, so the first train shard follows a short val shard
 EOT = 50256  # <|endoftext|> in GPT-2's published vocabulary
@@ -97,13 +94,6 @@ def write_corpus(directory, docs: list[dict], kind: str, files: int = 2) -> str:
     return os.path.join(directory, f"*.{kind}")
 
 
-def expected_tokens(texts: list[str]) -> tuple[np.ndarray, list[int]]:
-    """The token stream the shards must hold, from the tokenizer alone: <|endoftext|> + text, per document."""
-    enc = train_gpt2.get_tokenizer()
-    docs = [[EOT] + enc.encode_ordinary(t) for t in texts]
-    return np.array([t for d in docs for t in d], dtype=np.uint16), [len(d) for d in docs]
-
-
 def read_header_and_tokens(path: str) -> np.ndarray:
     """Parse an llm.c shard by hand (not through train_gpt2) and check its header against the file."""
     header = np.fromfile(path, dtype=np.int32, count=256)
@@ -126,10 +116,6 @@ def stream_of(out_dir) -> np.ndarray:
     return np.concatenate([read_header_and_tokens(os.path.join(out_dir, f)) for f in files])
 
 
-def dir_bytes(out_dir) -> dict[str, bytes]:
-    return {f: open(os.path.join(out_dir, f), "rb").read() for f in shard_files(out_dir)}
-
-
 def run(capsys, *argv) -> tuple[int, str, str]:
     """Run the command line in this process (each CLI subprocess costs seconds of imports)."""
     code = prepare_fineweb.main([str(a) for a in argv])
@@ -137,17 +123,10 @@ def run(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
-def run_cli(*argv, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def prepare_cli(*argv, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python prepare_fineweb.py ARGV` in a new process."""
     return subprocess.run([sys.executable, SCRIPT, *map(str, argv)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout, cwd=REPO)
-
-
-def assert_one_error_line(code: int, err: str) -> str:
-    assert code != 0
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), f"expected one 'error: ' line, got:\n{err}"
-    assert "Traceback" not in err
-    return lines[0]
+                          env={**os.environ, **(env or {})}, timeout=timeout, cwd=ROOT)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -307,12 +286,12 @@ def test_shards_hold_the_independently_tokenised_corpus(kind, corpus, tmp_path, 
 
 
 def test_worker_count_and_streaming_do_not_change_the_bytes(corpus, reference, tmp_path, capsys):
-    expected = dir_bytes(reference)
+    expected = shard_bytes(reference)
     for name, extra in [("one", ["--num_proc", 1]), ("streamed", ["--num_proc", 2, "--streaming"])]:
         out = tmp_path / name
         code, _, err = run(capsys, "--data_files", corpus["parquet"], "--out_dir", out, *common(corpus), *extra)
         assert code == 0, err
-        assert dir_bytes(out) == expected, name
+        assert shard_bytes(out) == expected, name
 
 
 def test_round_trip_through_train_gpt2_loader(corpus, reference):
@@ -349,7 +328,6 @@ def test_sample_defaults_give_val_and_train_splits(tmp_path, monkeypatch, capsys
 
 KILLED_RUN = """
 import os, signal, sys
-sys.path.insert(0, {repo!r})
 import numpy as np
 import gpt2_tokens, prepare_fineweb
 
@@ -400,11 +378,12 @@ def test_one_batch_across_many_shards_records_each_resume_point(corpus, tmp_path
 
 def test_resume_after_kill_is_byte_identical(corpus, reference, tmp_path, capsys):
     script = tmp_path / "killed_run.py"
-    script.write_text(KILLED_RUN.format(repo=REPO))
+    script.write_text(KILLED_RUN)
     out = tmp_path / "out"
     args = ["--data_files", corpus["parquet"], "--out_dir", out, *common(corpus), "--num_proc", 2]
     # the pipes close only once every process holding them exits: a worker outliving its parent would time out here
-    proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, timeout=120,
+                          env=child_env())
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert any(".tmp" in f for f in os.listdir(out))  # the half-written shard never got a final name
     assert len(shard_files(out)) == 2
@@ -416,7 +395,7 @@ def test_resume_after_kill_is_byte_identical(corpus, reference, tmp_path, capsys
     code, stdout, err = run(capsys, *args, "--resume")
     assert code == 0, err
     assert "resuming at shard 2" in stdout
-    assert dir_bytes(out) == dir_bytes(reference)
+    assert shard_bytes(out) == shard_bytes(reference)
     assert not any(".tmp" in f for f in os.listdir(out))
 
 
@@ -450,7 +429,7 @@ def test_resume_mid_document_and_after_max_tokens(corpus, reference, tmp_path, c
     assert state["resume"] == {"shard": mid + 1, "doc": doc, "offset": int(bounds[mid] - doc_starts[doc])}
     code, _, err = run(capsys, *args, "--resume", "--streaming")  # the streamed reader skips ahead as well
     assert code == 0, err
-    assert dir_bytes(out) == dir_bytes(reference)
+    assert shard_bytes(out) == shard_bytes(reference)
 
     # a prefix of the corpus that ends mid-shard, then extended to all of it
     prefix_out = tmp_path / "prefix"
@@ -461,14 +440,14 @@ def test_resume_mid_document_and_after_max_tokens(corpus, reference, tmp_path, c
     assert json.loads((prefix_out / "prep.json").read_text())["tokens"]["total"] == cut
     code, _, err = run(capsys, *pargs, "--resume")
     assert code == 0, err
-    assert dir_bytes(prefix_out) == dir_bytes(reference) and len(stream_of(prefix_out)) == total
+    assert shard_bytes(prefix_out) == shard_bytes(reference) and len(stream_of(prefix_out)) == total
 
     # resuming a complete output changes nothing; asking for fewer tokens than it has is refused
     before = {f: os.stat(prefix_out / f).st_mtime_ns for f in os.listdir(prefix_out)}
     code, stdout, _ = run(capsys, *pargs, "--resume")
     assert code == 0 and "nothing to do" in stdout
     code, _, err = run(capsys, *pargs, "--resume", "--max_tokens", cut)
-    assert_one_error_line(code, err)
+    assert_one_line_error((code, err), code=None)
     assert {f: os.stat(prefix_out / f).st_mtime_ns for f in os.listdir(prefix_out)} == before
 
 
@@ -476,13 +455,14 @@ def test_refuses_to_overwrite_without_a_flag(corpus, reference, tmp_path, capsys
     out = tmp_path / "out"
     shutil.copytree(reference, out)
     (out / "notes.txt").write_text("kept")
-    before = dir_bytes(out)
+    before = shard_bytes(out)
     args = ["--data_files", corpus["parquet"], "--out_dir", out, "--cache_dir", corpus["cache"]]
-    line = assert_one_error_line(*run(capsys, *args, "--shard_size", 3000)[::2])
+    line = assert_one_line_error(run(capsys, *args, "--shard_size", 3000)[::2], code=None)
     assert "--resume" in line and "--overwrite" in line
-    line = assert_one_error_line(*run(capsys, *args, "--shard_size", 3000, "--val_tokens", VAL, "--resume")[::2])
+    line = assert_one_line_error(run(capsys, *args, "--shard_size", 3000, "--val_tokens", VAL, "--resume")[::2],
+                                 code=None)
     assert "shard_size" in line  # settings differ from the state: resuming would mix two layouts
-    assert dir_bytes(out) == before
+    assert shard_bytes(out) == before
 
     code, _, err = run(capsys, *args, "--shard_size", 3000, "--val_tokens", 0, "--overwrite")
     assert code == 0, err
@@ -494,10 +474,11 @@ def test_refuses_to_overwrite_without_a_flag(corpus, reference, tmp_path, capsys
 
     # shards under another prefix would be read along with ours: refused even with --overwrite
     (out / "old_train_000001.bin").write_bytes((out / files[0]).read_bytes())
-    before = dir_bytes(out)
-    line = assert_one_error_line(*run(capsys, *args, "--shard_size", 3000, "--val_tokens", 0, "--overwrite")[::2])
+    before = shard_bytes(out)
+    line = assert_one_line_error(run(capsys, *args, "--shard_size", 3000, "--val_tokens", 0, "--overwrite")[::2],
+                                 code=None)
     assert "old_train_000001.bin" in line
-    assert dir_bytes(out) == before
+    assert shard_bytes(out) == before
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -536,7 +517,7 @@ def test_user_errors_are_one_line(case, tmp_path, capsys):
     argv, needle = make_bad_inputs(tmp_path)[case]
     out = tmp_path / "out"
     code, _, err = run(capsys, *argv, "--out_dir", out, "--cache_dir", tmp_path / "hf")
-    assert needle in assert_one_error_line(code, err)
+    assert needle in assert_one_line_error((code, err), code=None)
     assert not out.exists()
 
 
@@ -548,18 +529,12 @@ def test_corrupt_file_mid_stream_is_one_line_and_keeps_earlier_shards(corpus, tm
     out = tmp_path / "out"
     # streamed, the first documents are tokenised and written before the last file fails to parse
     code, _, err = run(capsys, "--data_files", glob_, "--out_dir", out, *common(corpus), "--streaming", "--num_proc", 2)
-    line = assert_one_error_line(code, err)
+    line = assert_one_line_error((code, err), code=None)
     assert "JSON" in line and "--resume" in line
     state = json.loads((out / "prep_state.json").read_text())
     kept = stream_of(out)
     assert len(shard_files(out)) == state["resume"]["shard"] >= 2
     assert np.array_equal(kept, expected_tokens([d["text"] for d in docs])[0][: len(kept)])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class NotTheHub(http.server.BaseHTTPRequestHandler):
@@ -591,11 +566,11 @@ def test_unreachable_hub_fails_fast_with_a_way_out(env, tmp_path):
     out = tmp_path / "out"
     t0 = time.time()
     try:
-        proc = run_cli("--out_dir", out, "--streaming", env=hub_env, timeout=60)
+        proc = prepare_cli("--out_dir", out, "--streaming", env=hub_env, timeout=60)
     finally:
         if server:
             server.shutdown()
-    line = assert_one_error_line(proc.returncode, proc.stderr)
+    line = assert_one_line_error(proc, code=None)
     assert "Hub" in line and "--data_files" in line and "--sample" in line
     assert time.time() - t0 < 45  # fails fast instead of retrying
     assert not out.exists()
@@ -603,7 +578,6 @@ def test_unreachable_hub_fails_fast_with_a_way_out(env, tmp_path):
 
 SPAWN_RUN = """
 import multiprocessing, sys
-sys.path.insert(0, {repo!r})
 import prepare_fineweb
 
 if __name__ == "__main__":
@@ -614,9 +588,10 @@ if __name__ == "__main__":
 
 def test_spawn_start_method_gives_identical_bytes(corpus, reference, tmp_path):
     script = tmp_path / "spawn_run.py"
-    script.write_text(SPAWN_RUN.format(repo=REPO))
+    script.write_text(SPAWN_RUN)
     out = tmp_path / "out"
     args = ["--data_files", corpus["parquet"], "--out_dir", out, *common(corpus), "--num_proc", 2]
-    proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, timeout=120,
+                          env=child_env())
     assert proc.returncode == 0, proc.stderr
-    assert dir_bytes(out) == dir_bytes(reference)
+    assert shard_bytes(out) == shard_bytes(reference)

@@ -9,23 +9,23 @@ import sys
 import pytest
 
 import train_gpt2 as tg
-from test_options import assert_one_line_error, cli, ok
-from test_train import TINY, make_shards, read_log
+from conftest import TINY, assert_one_line_error, cli, make_shards, ok, read_log
 
 RUN = TINY + ["--max_steps", "6", "--save_every", "2"]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
+def tracking_data(tmp_path_factory):
+    """make_shards' default (smaller) shards."""
     folder = str(tmp_path_factory.mktemp("tracking_data"))
     make_shards(folder)
     return folder
 
 
-def interrupted_run(data_dir, out, *flags):
+def interrupted_run(tracking_data, out, *flags):
     """Steps 1-4, stopped; then --resume auto from the step-4 checkpoint to step 6."""
-    ok(cli(RUN + ["--data_dir", data_dir, "--out_dir", out, "--stop_at_step", "4", *flags]))
-    ok(cli(RUN + ["--data_dir", data_dir, "--out_dir", out, "--resume", "auto", *flags]))
+    ok(cli(RUN + ["--data_dir", tracking_data, "--out_dir", out, "--stop_at_step", "4", *flags]))
+    ok(cli(RUN + ["--data_dir", tracking_data, "--out_dir", out, "--resume", "auto", *flags]))
     return read_log(out)
 
 
@@ -43,10 +43,10 @@ def assert_mirrors(log, series):
             assert series[key][step] == pytest.approx(value, rel=1e-6, abs=1e-12), (key, step)
 
 
-def test_tensorboard_mirrors_log_jsonl_across_a_resume(data_dir, tmp_path):
+def test_tensorboard_mirrors_log_jsonl_across_a_resume(tracking_data, tmp_path):
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     out = str(tmp_path / "run")
-    log = interrupted_run(data_dir, out, "--tensorboard")
+    log = interrupted_run(tracking_data, out, "--tensorboard")
     events = event_accumulator.EventAccumulator(os.path.join(out, "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
     series = {key: {e.step: e.value for e in events.Scalars(key)} for key in events.Tags()["scalars"]}
@@ -57,12 +57,12 @@ def test_tensorboard_mirrors_log_jsonl_across_a_resume(data_dir, tmp_path):
     assert len(config_text) == 1 and b'"n_layer": 2' in config_text[0].tensor_proto.string_val[0]
 
 
-def test_tensorboard_hides_the_steps_a_resume_redoes(data_dir, tmp_path):
+def test_tensorboard_hides_the_steps_a_resume_redoes(tracking_data, tmp_path):
     """Steps 1-6 logged, then a resume from the step-2 checkpoint redoes 3-6: each step is shown once."""
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     out = str(tmp_path / "run")
-    ok(cli(RUN + ["--data_dir", data_dir, "--out_dir", out, "--tensorboard"]))
-    ok(cli(RUN + ["--data_dir", data_dir, "--out_dir", out, "--tensorboard", "--resume",
+    ok(cli(RUN + ["--data_dir", tracking_data, "--out_dir", out, "--tensorboard"]))
+    ok(cli(RUN + ["--data_dir", tracking_data, "--out_dir", out, "--tensorboard", "--resume",
                   os.path.join(out, "ckpt_0000002.pt")]))
     events = event_accumulator.EventAccumulator(os.path.join(out, "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
@@ -93,12 +93,12 @@ def wandb_records(path):
             yield record
 
 
-def test_wandb_offline_run_mirrors_log_jsonl_across_a_resume(data_dir, tmp_path, monkeypatch):
+def test_wandb_offline_run_mirrors_log_jsonl_across_a_resume(tracking_data, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = str(tmp_path / "run")
-    log = interrupted_run(data_dir, out, "--wandb", "tracking-test")
+    log = interrupted_run(tracking_data, out, "--wandb", "tracking-test")
     run_id = tg.load_checkpoint(os.path.join(out, "ckpt_0000006.pt"))["wandb_id"]
     files = sorted(glob.glob(os.path.join(out, "wandb", "offline-run-*", "*.wandb")))
     assert len(files) == 2 and all(f.endswith(f"run-{run_id}.wandb") for f in files)  # one run, continued
@@ -120,11 +120,11 @@ def test_wandb_offline_run_mirrors_log_jsonl_across_a_resume(data_dir, tmp_path,
     assert configs and configs[0]["config"]["n_layer"] == 2 and configs[0]["settings"]["max_steps"] == 6
 
 
-def test_missing_tracker_packages_are_one_line(data_dir, tmp_path, monkeypatch):
+def test_missing_tracker_packages_are_one_line(tracking_data, tmp_path, monkeypatch):
     for flags, package in ((["--tensorboard"], "tensorboard"), (["--wandb", "p"], "wandb")):
         blocked = {"torch.utils.tensorboard": None} if package == "tensorboard" else {"wandb": None}
         with monkeypatch.context() as m:
             for name, value in blocked.items():
                 m.setitem(sys.modules, name, value)  # import of a None entry raises ImportError
-            result = cli(RUN + ["--data_dir", data_dir, "--out_dir", str(tmp_path / package), *flags])
+            result = cli(RUN + ["--data_dir", tracking_data, "--out_dir", str(tmp_path / package), *flags])
         assert_one_line_error(result, f"pip install {package}")

@@ -1,7 +1,7 @@
-"""Under torchrun with 2 gloo ranks: --fsdp (FSDP2 fully_shard) gives the same run as DDP, resumable and exportable;
-a DDP run stopped on 2 ranks, resumed on 1 process and then on 2 ranks again ends where the uninterrupted run ends;
-DDP and FSDP under --compile give the eager run's losses; FSDP's gather dtype and fp16 loss scaling; one all-reduce
-per DDP step."""
+"""Under torchrun with 2 gloo ranks: DDP gives the one-process run (AdamW, Muon; NorMuon's ranks stay identical);
+--fsdp (FSDP2 fully_shard) gives the same run as DDP, resumable and exportable; a DDP run stopped on 2 ranks, resumed
+on 1 process and then on 2 ranks again ends where the uninterrupted run ends; DDP and FSDP under --compile give the
+eager run's losses; FSDP's gather dtype and fp16 loss scaling; one all-reduce per DDP step; what FSDP refuses."""
 
 import json
 import os
@@ -13,7 +13,22 @@ import pytest
 import torch
 
 import train_gpt2 as tg
-from test_train import ROOT, TINY, load_weights, make_shards, read_log, run_cli
+from conftest import (
+    MODERN,
+    ROOT,
+    TINY,
+    assert_one_line_error,
+    block_matrix_names,
+    child_env,
+    ckpt,
+    cli,
+    load_weights,
+    make_shards,
+    ok,
+    optimizer_tensors,
+    read_log,
+    run_cli,
+)
 
 # 2 ranks x 2 micro-steps x 2 sequences of 32 tokens per step, with validation and a sample every 2 steps
 FSDP_RUN = TINY + ["--max_steps", "4", "--batch_size", "2", "--val_every", "2", "--sample_every", "2",
@@ -300,3 +315,112 @@ def test_a_ddp_step_makes_one_all_reduce_for_its_loss_and_the_stop_signal(tmp_pa
                        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
     assert r.returncode == 0, r.stderr[-3000:]
     assert [(tmp_path / f"calls_{rank}.txt").read_text() for rank in (0, 1)] == ["3", "3"]  # 3 steps on each rank
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DDP: 2 ranks equal 1 process
+
+
+def test_ddp_two_processes_equal_one_process(data_dir, tmp_path):
+    """2 gloo ranks x 2 micro-steps of 2 sequences == 1 process x 4 micro-steps: the same global batch."""
+    common = TINY + ["--data_dir", data_dir, "--max_steps", "2", "--batch_size", "2", "--val_every", "2"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    r1 = run_cli(common + ["--out_dir", one])
+    assert r1.returncode == 0, r1.stderr
+    r2 = run_cli(common + ["--out_dir", two], torchrun_procs=2)
+    assert r2.returncode == 0, r2.stderr
+    assert "world size 2" in r2.stdout and "2 micro-steps" in r2.stdout and "4 micro-steps" in r1.stdout
+    a, b = load_weights(os.path.join(one, "ckpt_0000002.pt")), load_weights(os.path.join(two, "ckpt_0000002.pt"))
+    for k in a:  # all-reduce sums in another order: equal up to fp32 rounding
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    la, lb = read_log(one), read_log(two)
+    for ra, rb in zip(la, lb):
+        for key in ("train_loss", "val_loss", "grad_norm"):
+            if key in ra:
+                assert ra[key] == pytest.approx(rb[key], rel=1e-5)
+
+
+@pytest.mark.usefixtures("global_state")
+def test_ddp_two_processes_with_muon_equal_one_process(shards, tmp_path):
+    """2 gloo ranks x 2 micro-steps of 2 sequences == 1 process x 4 micro-steps. The summed gradients (Muon's
+    momentum, AdamW's moments) and AdamW's weights agree to fp32 rounding. torch's Muon orthogonalises in bf16, so
+    an fp32-rounding difference in a gradient can move its matrices by a few bf16 steps of the update: those are
+    held to a small fraction of the update instead (a 1-process run split into 2 micro-steps instead of 4 differs
+    from the 4-step one by as much)."""
+    common = TINY + ["--data_dir", shards[0], "--max_steps", 1, "--batch_size", 2, "--val_every", 1000,
+                     "--optimizer", "muon"] + MODERN
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    r1 = ok(cli(common + ["--out_dir", one]))
+    r2 = ok(run_cli(common + ["--out_dir", two], torchrun_procs=2))
+    assert "world size 2" in r2.stdout and "2 micro-steps" in r2.stdout and "4 micro-steps" in r1.stdout
+    a, b = ckpt(one, 1), ckpt(two, 1)
+
+    sa, sb = optimizer_tensors(a["optimizer"]), optimizer_tensors(b["optimizer"])
+    assert sa.keys() == sb.keys() and any(k[2] == "momentum_buffer" for k in sa)
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-5 * sa[k].abs().max().item(), msg=str(k))
+
+    torch.manual_seed(1337)
+    start = tg.GPT(tg.GPTConfig(**a["config"])).state_dict()
+    muon_names = block_matrix_names(2)
+    for k, wa in a["model"].items():
+        if k in muon_names:
+            update = (wa - start[k]).abs().max().item()
+            assert update > 1e-3
+            assert (wa - b["model"][k]).abs().max().item() <= 0.1 * update, k
+        else:
+            torch.testing.assert_close(wa, b["model"][k], rtol=0, atol=1e-5, msg=k)
+    la, lb = read_log(one), read_log(two)
+    assert [r["step"] for r in la] == [r["step"] for r in lb] == [0, 1]
+    assert la[0]["val_loss"] == pytest.approx(lb[0]["val_loss"], rel=1e-6)
+    assert la[1]["train_loss"] == pytest.approx(lb[1]["train_loss"], rel=1e-5)
+    assert la[1]["grad_norm"] == pytest.approx(lb[1]["grad_norm"], rel=1e-5)
+    assert la[1]["val_loss"] == pytest.approx(lb[1]["val_loss"], rel=1e-4)
+
+
+DDP_SCRIPT = """
+import sys, torch, torch.distributed as dist
+import train_gpt2 as tg
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+settings = tg.parse_settings(["--model", "d2", "--recipe", "speedrun"])
+config, _ = tg.model_from_settings(settings)
+torch.manual_seed(0)
+model = tg.GPT(config)
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+opts = tg.configure_optimizers(model, settings, "cpu", ortho_dtype=torch.float32)
+g = torch.Generator().manual_seed(100 + rank)  # each rank its own data, as in training
+for step in range(3):
+    idx = torch.randint(0, 50257, (2, 33), generator=g)
+    ddp(idx[:, :-1], idx[:, 1:])[1].backward()
+    for o in opts:
+        o.step()
+        o.zero_grad()
+flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+both = [torch.empty_like(flat) for _ in range(2)]
+dist.all_gather(both, flat)
+torch.manual_seed(0)
+moved = (flat - torch.cat([p.flatten() for p in tg.GPT(config).parameters()])).abs().max().item()
+if rank == 0:
+    print("identical" if torch.equal(both[0], both[1]) else "different", moved)
+dist.destroy_process_group()
+"""
+
+
+def test_ddp_ranks_end_normuon_steps_with_identical_weights(tmp_path):
+    script = tmp_path / "ddp_normuon.py"
+    script.write_text(DDP_SCRIPT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], capture_output=True, text=True, timeout=300,
+                       env=child_env(OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    verdict, moved = r.stdout.split()[-2:]
+    assert verdict == "identical" and float(moved) > 1e-3
+
+
+@pytest.mark.usefixtures("global_state")
+def test_fsdp_with_normuon_is_refused(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    r = cli(TINY + ["--data_dir", data_dir, "--out_dir", str(tmp_path / "out"), "--fsdp", "--optimizer",
+                    "normuon"])
+    assert_one_line_error(r, "--optimizer normuon", "--fsdp")
