@@ -10,7 +10,6 @@ import os
 import re
 import runpy
 import shlex
-import socket
 import subprocess
 import sys
 
@@ -19,7 +18,7 @@ import torch
 
 import quickstart
 import train_gpt2 as tg
-from test_train import ROOT, TINY, load_weights, make_shards, read_log, run_cli
+from conftest import ROOT, TINY, free_port, load_weights, read_log, run_cli
 
 DOCS = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 ENV_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
@@ -166,7 +165,7 @@ QUICK = ["--model", "d2", "--seq_len", "32", "--batch_size", "4", "--total_batch
          "--dtype", "fp32"]
 
 
-def test_quick_start_prepares_once_and_runs_the_command_it_prints(tmp_path, monkeypatch, capsys):
+def test_quick_start_prepares_once_and_runs_the_command_it_prints(tmp_path, monkeypatch, capsys, global_state):
     monkeypatch.chdir(tmp_path)
     quickstart.main(QUICK)
     first = capsys.readouterr().out
@@ -191,18 +190,12 @@ def test_quick_start_prepares_once_and_runs_the_command_it_prints(tmp_path, monk
 # the multi-node command, as two nodes on this machine
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def multi_node_command() -> list[str]:
     (words,) = [w for w in bash_commands(DOCS[0]) if w[0] == "torchrun" and "--nnodes" in w and "HOST:29500" in w]
     return words
 
 
-def test_multi_node_command_as_two_agents_trains_as_one_process(tmp_path):
+def test_multi_node_command_as_two_agents_trains_as_one_process(data_dir, tmp_path):
     """The README's two-node command with HOST = 127.0.0.1 and one process per node: two torchrun agents meet in the
     c10d rendezvous and make the same losses and weights as one process on the same global batch."""
     words = multi_node_command()
@@ -211,10 +204,8 @@ def test_multi_node_command_as_two_agents_trains_as_one_process(tmp_path):
     port = free_port()
     agent = ["1" if a == "8" and agent[i - 1] == "--nproc_per_node" else a.replace("HOST:29500", f"127.0.0.1:{port}")
              for i, a in enumerate(agent)]
-    data = str(tmp_path / "data")
-    make_shards(data, train_sizes=(6000, 5000), val_size=3000)
     # the README's training flags stay (--resume auto starts fresh in an empty folder); the tiny run's come after
-    tiny = [*TINY, "--data_dir", data, "--max_steps", "3", "--batch_size", "4"]
+    tiny = [*TINY, "--data_dir", data_dir, "--max_steps", "3", "--batch_size", "4"]
     nodes = str(tmp_path / "nodes")
     cmd = [sys.executable, "-m", "torch.distributed.run", *agent, os.path.join(ROOT, words[at]),
            *train_args, *tiny, "--out_dir", nodes]

@@ -27,10 +27,10 @@ pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -r 
 
 BUNDLED = HELLASWAG_SAMPLE
 EXPORT_SCRIPT = os.path.join(ROOT, "export_hf.py")
-LM_EVAL_DOC = os.path.join(ROOT, "README.md")  # the document that gives the task files and the `lm_eval run` command
+LM_EVAL_DOC = os.path.join(ROOT, "docs", "evaluation.md")  # gives the task files and the `lm_eval run` command
 FP32 = torch.float32
 
-# The local tasks, as the README gives them (with the README's data file path in its place).
+# The local tasks, as docs/evaluation.md gives them (with its data file path in its place).
 # hellaswag_local: ctx and endings exactly as in the file, as hellaswag_eval.py scores them by default.
 TASK_YAML = """\
 task: hellaswag_local
@@ -66,16 +66,16 @@ TASK_UTILS = "from lm_eval.tasks.hellaswag.utils import process_docs  # noqa: F4
 TASK_FILES = {"hellaswag_local.yaml": TASK_YAML, "hellaswag_local_lm_eval_text.yaml": TASK_YAML_LM_EVAL_TEXT,
               "hellaswag_local_utils.py": TASK_UTILS}
 TASKS = {"hellaswag_local": "raw", "hellaswag_local_lm_eval_text": "lm_eval"}  # task -> hellaswag_eval's --text
-README_DATA_FILE = "/absolute/path/to/hellaswag_val.jsonl"
+DOC_DATA_FILE = "/absolute/path/to/hellaswag_val.jsonl"
 
 
 def model_args(model_dir, custom=False) -> str:
-    """The hf backend's arguments; an export with its own model code needs trust_remote_code, as the README says."""
+    """The hf backend's arguments; an export with its own model code needs trust_remote_code, as the docs say."""
     return f"pretrained={model_dir},dtype=float32" + (",trust_remote_code=True" if custom else "")
 
 
 def cli_args(model_dir, task_dir, out_dir, custom=False) -> list[str]:
-    """`lm_eval run`'s arguments: the README's command, and the command line equivalent of SIMPLE_EVALUATE."""
+    """`lm_eval run`'s arguments: the documented command, and the command line equivalent of SIMPLE_EVALUATE."""
     return ["run", "--model", "hf", "--model_args", model_args(model_dir, custom), "--include_path",
             str(task_dir), "--tasks", "hellaswag_local", "--device", "cpu", "--batch_size", "8",
             "--output_path", str(out_dir)]
@@ -176,7 +176,7 @@ def runs(tmp_path_factory, request):
     run_all([
         [sys.executable, "-c", SIMPLE_EVALUATE, export, str(task_dir), str(api_out), model_args(export, custom),
          json.dumps(list(TASKS))],
-        [sys.executable, "-m", "lm_eval", *cli_args(export, task_dir, cli_out, custom)],  # the README's command
+        [sys.executable, "-m", "lm_eval", *cli_args(export, task_dir, cli_out, custom)],  # the documented command
     ], env, str(root))
     cli_files = glob.glob(str(cli_out / "**" / "results_*.json"), recursive=True)
     assert len(cli_files) == 1, cli_files
@@ -264,14 +264,14 @@ def test_lm_eval_command_line_equals_simple_evaluate(runs):
 def test_readme_gives_these_task_files_and_this_command():
     with open(LM_EVAL_DOC) as f:
         text = f.read()
-    section = text[text.index("### lm-evaluation-harness"):text.index("## Python API")]
+    section = text[text.index("## lm-evaluation-harness"):text.index("## Sampling")]
     files = {}
     for block in re.findall(r"```(?:yaml|python)\n(.*?)```", section, re.S):
         first, _, body = block.partition("\n")
         name = re.match(r"# tasks/(\S+?):? ", first + " ")
         if name:
             files[name.group(1)] = body
-    expected = dict(TASK_FILES, **{"hellaswag_local.yaml": TASK_YAML.format(data_file=README_DATA_FILE)})
+    expected = dict(TASK_FILES, **{"hellaswag_local.yaml": TASK_YAML.format(data_file=DOC_DATA_FILE)})
     assert files == expected
     commands = [" ".join(line.split()) for line in section.replace("\\\n", " ").splitlines()]
     assert " ".join(["lm_eval", *cli_args("out/hf", "tasks", "lm_eval_out")]) in commands
